@@ -1,0 +1,205 @@
+"""Which implementation runs an op for a device and dtype, and fastformer.info().
+
+- CUDA tensors run the Triton kernels (fp16, bf16, fp32).
+- CPU tensors run the C++ kernels of fastformer._C.
+- With TRITON_INTERPRET=1 set before fastformer is imported, `use_triton_on_cpu()` (or
+  FASTFORMER_CPU_BACKEND=triton at import) makes CPU tensors run the Triton kernels through
+  Triton's interpreter instead: slow, but it is how CI tests the GPU kernels without a GPU.
+- Anything else (another device, float64 on CUDA...) falls back to plain PyTorch
+  (fastformer/reference.py): counted, reported by info(), and warned about once per op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import platform
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _extension
+
+TRITON = "triton"
+TRITON_INTERPRETER = "triton (interpreter)"
+CPP = "c++"
+TORCH_FALLBACK = "torch (fallback)"
+
+CPU_BACKEND_ENV = "FASTFORMER_CPU_BACKEND"
+
+
+@dataclass
+class OpSupport:
+    """What the fast implementations of one op accept."""
+
+    triton_dtypes: tuple[torch.dtype, ...]
+    cpp_dtypes: tuple[torch.dtype, ...]
+    # dispatcher op name -> Triton implementation, registered for CUDA (and CPU on demand)
+    triton_kernels: dict[str, Callable] = field(default_factory=dict)
+
+
+_ops: dict[str, OpSupport] = {}
+_cuda_library: torch.library.Library | None = None
+_cpu_triton_library: torch.library.Library | None = None
+fallback_counts: Counter[str] = Counter()
+_warned: set[str] = set()
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def register_op(name: str, support: OpSupport) -> None:
+    """Called by each ops/<op>.py at import: record what it supports, and register its
+    Triton kernels as the CUDA implementation of its dispatcher ops."""
+    global _cuda_library
+    _ops[name] = support
+    if not _extension.available or not support.triton_kernels:
+        return
+    if _cuda_library is None:
+        _cuda_library = torch.library.Library("fastformer", "IMPL")
+    for op_name, kernel in support.triton_kernels.items():
+        _cuda_library.impl(op_name, kernel, "CUDA")
+    if _cpu_triton_library is not None:
+        _cpu_triton_library_register(support)
+
+
+def _cpu_triton_library_register(support: OpSupport) -> None:
+    assert _cpu_triton_library is not None
+    with warnings.catch_warnings():
+        # Replacing the C++ CPU kernel is the point here; the dispatcher warns about it.
+        warnings.simplefilter("ignore", UserWarning)
+        for op_name, kernel in support.triton_kernels.items():
+            _cpu_triton_library.impl(op_name, kernel, "CPU")
+
+
+def cpu_runs_triton() -> bool:
+    return _cpu_triton_library is not None
+
+
+def set_triton_on_cpu(enabled: bool) -> None:
+    """Make CPU tensors run the Triton kernels through the interpreter (or stop doing so)."""
+    global _cpu_triton_library
+    if enabled == cpu_runs_triton():
+        return
+    if not enabled:
+        assert _cpu_triton_library is not None
+        _cpu_triton_library._destroy()  # the C++ kernels registered beneath become active again
+        _cpu_triton_library = None
+        return
+    if not triton_interpreter_enabled():
+        raise RuntimeError(
+            "Triton kernels run on CPU tensors only through Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before importing fastformer"
+        )
+    _extension.require("use_triton_on_cpu")
+    _cpu_triton_library = torch.library.Library("fastformer", "IMPL")
+    for support in _ops.values():
+        _cpu_triton_library_register(support)
+
+
+@contextlib.contextmanager
+def triton_on_cpu(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of set_triton_on_cpu."""
+    previous = cpu_runs_triton()
+    set_triton_on_cpu(enabled)
+    try:
+        yield
+    finally:
+        set_triton_on_cpu(previous)
+
+
+def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation `op` runs for tensors of this device and dtype."""
+    support = _ops[op]
+    if device.type == "cuda" and dtype in support.triton_dtypes and triton_available():
+        return TRITON
+    if device.type == "cpu" and cpu_runs_triton():
+        return TRITON_INTERPRETER if dtype in support.triton_dtypes else TORCH_FALLBACK
+    if device.type == "cpu" and dtype in support.cpp_dtypes:
+        return CPP
+    return TORCH_FALLBACK
+
+
+def note_fallback(op: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Count a call that runs plain PyTorch, and warn the first time for each op."""
+    if torch.compiler.is_compiling():
+        return
+    fallback_counts[op] += 1
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(
+            f"fastformer.{op}: no fused kernel for {dtype} tensors on {device.type}; running "
+            "plain PyTorch instead (fastformer.info() counts these calls)",
+            stacklevel=3,
+        )
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def info() -> dict:
+    """Versions, device, extension and Triton status, and each op's implementation."""
+    triton_version = None
+    if triton_available():
+        import triton
+
+        triton_version = triton.__version__
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return {
+        "versions": {
+            "fastformer": _package_version(),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "python": platform.python_version(),
+            "cuda": torch.version.cuda,
+        },
+        "device": _device_name(),
+        "extension": {"available": _extension.available, "error": _extension.load_error},
+        "triton": {
+            "installed": triton_version is not None,
+            "gpu": torch.cuda.is_available() and triton_version is not None,
+            "interpreter": triton_interpreter_enabled(),
+            "runs_cpu_tensors": cpu_runs_triton(),
+        },
+        "ops": {
+            op: {
+                device.type: {
+                    str(dtype).removeprefix("torch."): implementation(op, device, dtype)
+                    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                }
+                for device in devices
+            }
+            for op in sorted(_ops)
+        },
+        "fallback_calls": dict(fallback_counts),
+    }
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastformer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _apply_environment() -> None:
+    choice = os.environ.get(CPU_BACKEND_ENV, "").strip().lower()
+    if choice in ("", "c++", "cpp"):
+        return
+    if choice != TRITON:
+        raise ValueError(f"{CPU_BACKEND_ENV} must be 'cpp' or 'triton', got {choice!r}")
+    set_triton_on_cpu(True)

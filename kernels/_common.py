@@ -1,0 +1,37 @@
+"""Helpers shared by the Triton launchers: output allocation and device properties."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Debug aid for tests: fill every output a launcher allocates with NaN (or the dtype's
+# extreme value for integers) so that an element a kernel forgot to write is noticed.
+POISON_ENV = "FASTFORMER_POISON_OUTPUTS"
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, poisoned when FASTFORMER_POISON_OUTPUTS=1."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_ENV, "0") == "1":
+        tensor.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max)
+    return tensor
+
+
+def empty_absent(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The placeholder returned for an output the call did not ask for (numel 0)."""
+    return torch.empty((0,), dtype=dtype, device=device)
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in for the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -1,0 +1,95 @@
+"""Builds fastformer._C from csrc/ and installs kernels/ as the package fastformer_kernels.
+
+The C++ sources (op schemas, CPU kernels) are always built; the CUDA sources (csrc/cuda/*.cu)
+are added when torch was built with CUDA and nvcc is found. Environment:
+
+  FASTFORMER_SKIP_EXTENSION=1   install the Python packages only (the ops that need the
+                                extension then say how to build it)
+  FASTFORMER_CPU_FLAGS="..."    compiler flags choosing the CPU instruction set
+                                (default: AVX2 + FMA on x86-64 machines that have them)
+  TORCH_CUDA_ARCH_LIST="..."    CUDA architectures (default: the visible GPU's, else
+                                Ampere, Ada and Hopper)
+  MAX_JOBS=N                    parallel compile jobs (ninja)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _cpu_flags() -> list[str]:
+    """Instruction-set flags for the CPU kernels.
+
+    at::vec picks its AVX2 implementation when CPU_CAPABILITY_AVX2 is defined, so the two
+    go together; machines without AVX2 (or non-x86) get the portable build.
+    """
+    if "FASTFORMER_CPU_FLAGS" in os.environ:
+        return os.environ["FASTFORMER_CPU_FLAGS"].split()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    if all(feature in cpuinfo.split() for feature in ("avx2", "fma", "f16c")):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
+def _extensions() -> tuple[list, dict]:
+    if _env_flag("FASTFORMER_SKIP_EXTENSION"):
+        print("fastformer: FASTFORMER_SKIP_EXTENSION is set, not building fastformer._C")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DTORCH_EXTENSION_NAME=_C", *_cpu_flags()]
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("cuda/*.cu"))
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin")) is not None
+        and bool(cuda_sources)
+    )
+    extension_type = cpp_extension.CppExtension
+    extra_compile_args: dict[str, list[str]] = {"cxx": cxx_flags}
+    if with_cuda:
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            # No GPU to ask: build for the architectures fastformer targets, Hopper included.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        extension_type = cpp_extension.CUDAExtension
+        sources += cuda_sources
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    extension = extension_type(
+        name="fastformer._C",
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [extension], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=["fastformer", "fastformer.ops", "fastformer_kernels", "fastformer_benchmarks"],
+    package_dir={"fastformer_kernels": "kernels", "fastformer_benchmarks": "benchmarks"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
