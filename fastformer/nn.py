@@ -79,8 +79,9 @@ class _FusedNorm(torch.nn.Module):
         features = math.prod(self.normalized_shape)
         flat_shape = (*input.shape[: input.dim() - dims], features)
         eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps
+        flat_input = input.reshape(flat_shape)
         out, h = layer_norm_residual(
-            input.reshape(flat_shape),
+            flat_input,
             None if residual is None else residual.reshape(flat_shape),
             None if self.weight is None else self.weight.reshape(features),
             None if self.bias is None else self.bias.reshape(features),
@@ -92,7 +93,8 @@ class _FusedNorm(torch.nn.Module):
         )
         out = out.view(input.shape)
         if return_residual if return_residual is not None else residual is not None:
-            return out, h.view(input.shape)
+            # h is the input itself when there was nothing to add: hand back the same tensor.
+            return out, (input if h is flat_input else h.view(input.shape))
         return out
 
     def extra_repr(self) -> str:

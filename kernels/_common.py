@@ -35,3 +35,13 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def require_unit_column_stride(op: str, **tensors: torch.Tensor | None) -> None:
+    """The kernels index columns with stride 1; say so instead of reading wrong elements."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+            raise ValueError(
+                f"{op}: {name} must have unit stride in its last dimension, got strides "
+                f"{tuple(tensor.stride())}"
+            )

@@ -33,7 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, empty_absent, multiprocessor_count, next_power_of_2
+from ._common import (
+    empty,
+    empty_absent,
+    multiprocessor_count,
+    next_power_of_2,
+    require_unit_column_stride,
+)
 
 # Longest row kept whole in registers, and the chunk width used beyond it.
 MAX_FUSED_BLOCK = 16384
@@ -223,6 +229,8 @@ def layer_norm_residual_forward(
     store_h: bool,
 ) -> LayerNormResidualForward:
     """Launch the forward kernel on 2-D x (M, N); see the module docstring for the maths."""
+    require_unit_column_stride("layer_norm_residual_fwd", x=x, residual=residual, weight=weight,
+                               bias=bias)
     m, n = x.shape
     device = x.device
     out = empty((m, n), x.dtype, device)
@@ -435,6 +443,8 @@ def layer_norm_residual_backward(
     store_grad_residual: bool,
 ) -> LayerNormResidualBackward:
     """Launch the backward kernel; see the module docstring for the maths."""
+    require_unit_column_stride("layer_norm_residual_bwd", grad_out=grad_out, grad_h=grad_h, h=h,
+                               weight=weight)
     m, n = h.shape
     device = h.device
     grad_x = empty((m, n), x_dtype, device)

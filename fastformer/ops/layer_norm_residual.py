@@ -113,7 +113,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_h, _grad_mean, _grad_rstd):
     normalized, weight, mean, rstd, seed = ctx.saved_tensors
-    grad_h = grad_h if ctx.store_h else None  # without h, the gradient of h reaches x directly
+    # Incoming gradients may be expanded (stride 0); the kernels need unit column stride.
+    features = normalized.shape[-1]
+    grad_out = _checks.as_rows(grad_out, features)
+    # Without h, the gradient of h reaches x directly.
+    grad_h = _checks.as_rows(grad_h, features) if ctx.store_h and grad_h is not None else None
     grad_x, grad_residual, grad_weight, grad_bias = torch.ops.fastformer.layer_norm_residual_bwd(
         grad_out, grad_h, normalized, weight, mean, rstd, seed, ctx.dropout_p, ctx.rms_norm,
         ctx.has_bias, ctx.x_dtype, ctx.residual_dtype, ctx.store_grad_residual,

@@ -1,0 +1,69 @@
+"""The command line: `fastformer info` and `fastformer bench` (also `python -m fastformer`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _print_info(as_json: bool) -> None:
+    from fastformer import info
+
+    report = info()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items()
+                         if version is not None)
+    console.print(f"[bold]fastformer[/bold]  {versions}")
+    console.print(f"device: {report['device']}")
+    extension = report["extension"]
+    console.print("extension fastformer._C: "
+                  + ("built" if extension["available"] else f"[red]missing[/red] ({extension['error']})"))
+    triton = report["triton"]
+    console.print(f"triton: installed={triton['installed']} gpu={triton['gpu']} "
+                  f"interpreter={triton['interpreter']} runs_cpu_tensors={triton['runs_cpu_tensors']}")
+    table = Table(title="implementation per op, device and dtype")
+    table.add_column("op")
+    table.add_column("device")
+    dtypes = ["float32", "float16", "bfloat16", "float64"]
+    for dtype in dtypes:
+        table.add_column(dtype)
+    for op, devices in report["ops"].items():
+        for device, by_dtype in devices.items():
+            table.add_row(op, device, *(by_dtype[d] for d in dtypes))
+    console.print(table)
+    if report["fallback_calls"]:
+        console.print(f"calls that fell back to PyTorch: {report['fallback_calls']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastformer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info_parser = commands.add_parser("info", help="versions, device and which kernels run")
+    info_parser.add_argument("--json", action="store_true", help="print JSON")
+    bench = commands.add_parser("bench", help="benchmark the kernels on this machine's device")
+    bench.add_argument("--ops", nargs="+", help="suites to run (default: all)")
+    bench.add_argument("--dtype", help="dtype to benchmark (default: the device's usual one)")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="output folder for JSON, CSV and plots (default: benchmarks/results)")
+    bench.add_argument("--full", action="store_true", help="the complete sweeps (slow)")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        _print_info(args.json)
+        return 0
+    from fastformer_benchmarks import run
+
+    run(ops=args.ops, dtype=args.dtype, out_dir=args.out, full=args.full)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

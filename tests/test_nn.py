@@ -1,0 +1,93 @@
+"""fastformer.nn.LayerNorm / RMSNorm as drop-ins for torch.nn.LayerNorm / RMSNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastformer
+from tests.conftest import requires_extension
+
+pytestmark = requires_extension
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+
+
+@pytest.mark.parametrize("normalized_shape", [12, (12,), (3, 4)])
+@pytest.mark.parametrize("elementwise_affine, bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_state_dict_round_trip(normalized_shape, elementwise_affine, bias):
+    theirs = torch.nn.LayerNorm(normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine,
+                                bias=bias)
+    _randomize(theirs)
+    ours = fastformer.nn.LayerNorm(normalized_shape, eps=1e-6,
+                                   elementwise_affine=elementwise_affine, bias=bias)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    back = torch.nn.LayerNorm(normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine,
+                              bias=bias)
+    back.load_state_dict(ours.state_dict())
+
+    shape = (2, 5, *((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape))
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(back(x), theirs(x))
+
+
+def test_layer_norm_gradients_match_torch():
+    theirs = torch.nn.LayerNorm(24)
+    _randomize(theirs)
+    ours = fastformer.nn.LayerNorm(24)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(7, 24, requires_grad=True)
+    x_theirs = x.detach().clone().requires_grad_()
+    ours(x).square().sum().backward()
+    theirs(x_theirs).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_theirs.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_rms_norm_matches_torch(eps):
+    theirs = torch.nn.RMSNorm((3, 8), eps=eps)
+    _randomize(theirs)
+    ours = fastformer.nn.RMSNorm((3, 8), eps=eps)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(4, 3, 8)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_forward_with_residual_returns_out_and_stream():
+    norm = fastformer.nn.LayerNorm(16)
+    _randomize(norm)
+    x, residual = torch.randn(3, 16), torch.randn(3, 16)
+    out, h = norm(x, residual)
+    torch.testing.assert_close(h, x + residual)
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + residual, (16,),
+                                                                   norm.weight, norm.bias))
+    only_out = norm(x, residual, return_residual=False)
+    torch.testing.assert_close(only_out, out)
+
+
+def test_module_dropout_follows_training_mode():
+    norm = fastformer.nn.LayerNorm(16, dropout=0.5)
+    x = torch.randn(64, 16)
+    _, h_train = norm(x, return_residual=True)
+    assert (h_train == 0).any()
+    norm.eval()
+    _, h_eval = norm(x, return_residual=True)
+    assert h_eval is x
+
+
+def test_wrong_trailing_shape_is_named():
+    with pytest.raises(ValueError, match=r"trailing dimensions must be \[3, 4\]"):
+        fastformer.nn.LayerNorm((3, 4))(torch.randn(2, 4, 3))
+
+
+def test_repr_mentions_shape_and_eps():
+    assert "(8,), eps=1e-05" in repr(fastformer.nn.LayerNorm(8))
