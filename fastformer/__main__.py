@@ -54,14 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", type=Path, default=None,
                        help="output folder for JSON, CSV and plots (default: benchmarks/results)")
     bench.add_argument("--full", action="store_true", help="the complete sweeps (slow)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    bench.add_argument("--threads", type=int, help="CPU threads to pin (default 2)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
         _print_info(args.json)
         return 0
-    from fastformer_benchmarks import run
+    from fastformer_benchmarks import DEFAULT_OUT_DIR, SUITES, run
 
-    run(ops=args.ops, dtype=args.dtype, out_dir=args.out, full=args.full)
+    unknown = sorted(set(args.ops or ()) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; known: {sorted(SUITES)}")
+    run(args.ops, args.dtype, args.out or DEFAULT_OUT_DIR, args.full, device=args.device,
+        threads=args.threads)
     return 0
 
 

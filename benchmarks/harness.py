@@ -1,0 +1,479 @@
+"""The shared benchmark harness: timing, peak memory, device peaks, the data model, run_case.
+
+Every suite (one per op) describes its cases and providers with the types below and calls
+`run_case`; the runner (runner.py) measures the device's peaks once per run, and report.py
+turns the results into a table, JSON, CSV and plots. Rules (docs: DESIGN.md, Benchmarks):
+
+- every ratio is measured side by side in one process; on CPU the providers of a case are
+  interleaved round by round, so a slow drift (thermal, a neighbour) hits all of them alike;
+- medians of many repeats after a warm-up that also absorbs compilation (torch.compile,
+  Triton autotuning), which is never timed;
+- throughput is the work a perfect implementation must do (bytes each input read once and
+  each output written once, or FLOPs) over the median time, and its share of the device's
+  peaks measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from .device import DeviceInfo, Skip, one_line
+
+Mode = Literal["fwd", "fwd+bwd"]
+Status = Literal["ok", "skipped", "failed"]
+T = TypeVar("T")
+
+# CPU timing: each sample lasts at least MIN_SAMPLE_S (fast calls are batched), and a case
+# stops after MAX_REPEATS rounds or once its budget is spent with MIN_REPEATS rounds done.
+MIN_SAMPLE_S = 1e-3
+MIN_REPEATS = 5
+MAX_REPEATS = 50
+WARMUP_S = 0.2
+# GPU timing: triton.testing.do_bench's warm-up and measuring windows, in ms. do_bench
+# flushes the L2 cache before every call, so a single input set is honest there.
+GPU_WARMUP_MS = 25
+GPU_REP_MS = 200
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int | None  # timed samples (None: do_bench does not report its count)
+    method: str  # how it was measured, for the record
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    position = q * (len(sorted_values) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpu_timing(fn: Callable[[], Any]) -> Timing:
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(
+        fn, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, quantiles=[0.5, 0.2, 0.8]
+    )
+    return Timing(median, p20, p80, None, f"triton.testing.do_bench(rep={GPU_REP_MS} ms)")
+
+
+def measure_side_by_side(
+    fns: dict[str, Callable[[], Any]], *, device: torch.device, budget_s: float = 2.0
+) -> dict[str, Timing]:
+    """Time several callables of one case. CPU: interleaved rounds, one sample of each per
+    round in a rotating order, until MAX_REPEATS rounds or `budget_s` per callable (with at
+    least MIN_REPEATS rounds). GPU: do_bench for each in turn (it flushes L2 per call)."""
+    if device.type == "cuda":
+        return {name: _gpu_timing(fn) for name, fn in fns.items()}
+    names = list(fns)
+    if not names:
+        return {}
+    inner: dict[str, int] = {}
+    for name in names:  # warm-up, which also tells how many calls make one sample
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < WARMUP_S:
+            fns[name]()
+            calls += 1
+        per_call = (time.perf_counter() - start) / calls
+        inner[name] = max(1, math.ceil(MIN_SAMPLE_S / per_call))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + budget_s * len(names)
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one sample would be charged to one provider only
+    try:
+        for round_index in itertools.count():
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn, calls = fns[name], inner[name]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - start) * 1e3 / calls)
+            done = round_index + 1
+            if done >= MAX_REPEATS or (done >= MIN_REPEATS and time.perf_counter() > deadline):
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    timings = {}
+    for name, values in samples.items():
+        values.sort()
+        timings[name] = Timing(
+            _quantile(values, 0.5), _quantile(values, 0.2), _quantile(values, 0.8), len(values),
+            f"time.perf_counter, interleaved rounds, {inner[name]} call(s) per sample",
+        )
+    return timings
+
+
+def measure(fn: Callable[[], Any], *, device: torch.device, budget_s: float = 2.0) -> Timing:
+    """Median, p20 and p80 of one callable, in ms (see measure_side_by_side)."""
+    return measure_side_by_side({"fn": fn}, device=device, budget_s=budget_s)["fn"]
+
+
+def _proc_status_bytes(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise OSError(f"{key} not in /proc/self/status")
+    return int(match.group(1)) * 1024
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Growth of the process's peak resident memory during one call (Linux).
+
+    Resident memory, not torch's allocator statistics: kernels may allocate outside the
+    profiled CPU allocator (fastformer's C++ kernels use a huge-page allocator), and only
+    the process's memory sees every allocator alike. Freed heap pages are first returned
+    to the system (malloc_trim), so memory the allocator kept from earlier calls cannot
+    hide a call's needs; the peak is then reset (clear_refs) and read back (VmHWM)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc only; elsewhere the figure may read low
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _proc_status_bytes("VmRSS")
+    result = fn()
+    del result
+    return _proc_status_bytes("VmHWM") - before
+
+
+def peak_memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated() during one call minus memory_allocated() before"
+    return "growth of the process's peak resident memory (VmHWM) during one call, after malloc_trim"
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes one call needs above what was allocated before it: the inputs exist
+    already, its outputs and temporaries count (see peak_memory_method). None where it
+    cannot be measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - baseline
+    try:
+        return _cpu_peak_bytes(fn)
+    except OSError:  # no /proc (not Linux) or clear_refs not permitted
+        return None
+
+
+# ----------------------------------------------------------------------------- device peaks
+
+
+@dataclass
+class DevicePeaks:
+    copy_gbps: float  # dst.copy_(src): (read + write bytes) / median time
+    copy_bytes: int  # size of the copied tensor
+    matmul_tflops: dict[str, float]  # dtype -> 2*n^3 / median time of an n x n matmul
+    matmul_n: int
+    notes: str
+
+
+_PEAKS: dict[str, DevicePeaks] = {}
+
+
+def device_peaks(device: torch.device) -> DevicePeaks:
+    """Copy bandwidth and matmul rate of this device, measured once per process."""
+    key = str(device)
+    if key not in _PEAKS:
+        _PEAKS[key] = _measure_peaks(device)
+    return _PEAKS[key]
+
+
+def _measure_peaks(device: torch.device) -> DevicePeaks:
+    gpu = device.type == "cuda"
+    copy_bytes = (1 << 30) if gpu else (256 << 20)
+    src = torch.rand(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device=device, budget_s=1.0)
+    n = 8192 if gpu else 2048
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if gpu else [torch.float32]
+    tflops = {}
+    for dtype in dtypes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        timing = measure(lambda a=a, b=b: a @ b, device=device, budget_s=1.0)
+        tflops[dtype_name(dtype)] = 2 * n**3 / (timing.median_ms * 1e-3) / 1e12
+    notes = "copy: one tensor copy, read + write bytes counted"
+    if gpu:
+        notes += f"; float32 matmul allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
+    return DevicePeaks(2 * copy_bytes / (copy.median_ms * 1e-3) / 1e9, copy_bytes, tflops, n, notes)
+
+
+# ----------------------------------------------------------------------------- data model
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+    "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; one of {sorted(DTYPES)}") from None
+
+
+@dataclass
+class Case:
+    op: str
+    name: str  # shape and variant as printed, e.g. "8192x1024"
+    dtype: str
+    mode: Mode
+    params: dict[str, Any]  # rows, hidden, variant flags: used by targets, CSV and plots
+    bytes: int | None = None  # bytes a perfect implementation must move (memory-bound ops)
+    flops: int | None = None  # FLOPs it must do (compute-bound ops)
+
+
+@dataclass
+class Measurement:
+    provider: str
+    status: Status
+    reason: str | None = None
+    timing: Timing | None = None
+    throughput: float | None = None  # GB/s (case.bytes) or TFLOP/s (case.flops)
+    unit: str | None = None
+    share_of_peak: float | None = None  # of the measured copy bandwidth or matmul rate
+    peak_memory_bytes: int | None = None
+    warmup_s: float | None = None  # build + first call: torch.compile time lands here
+
+    @property
+    def ms(self) -> float | None:
+        return self.timing.median_ms if self.timing and self.status == "ok" else None
+
+
+@dataclass
+class Result:
+    case: Case
+    measurements: list[Measurement]
+
+    def get(self, provider: str) -> Measurement | None:
+        return next((m for m in self.measurements if m.provider == provider), None)
+
+    def speedup(self, provider: str, baseline: str) -> float | None:
+        """How many times faster `provider` is than `baseline` (their time ratio)."""
+        mine, theirs = self.get(provider), self.get(baseline)
+        if mine is None or theirs is None or mine.ms is None or theirs.ms is None:
+            return None
+        return theirs.ms / mine.ms
+
+
+@dataclass
+class TargetOutcome:
+    target: str
+    case: str
+    passed: bool | None  # None: could not be decided (no matching case, baseline skipped)
+    measured: float | None
+    threshold: float
+    detail: str
+
+
+@dataclass
+class Target:
+    """A goal checked against the results and reported (never asserted): a speedup of
+    `provider` over `baseline`, or its share of the measured peak, in matching cases."""
+
+    name: str
+    kind: Literal["speedup", "share_of_peak"]
+    threshold: float
+    where: dict[str, Any]  # case fields, params or context (device, threads); list = any of
+    provider: str = "fastformer"
+    baseline: str | None = None
+
+    def matches(self, case: Case, context: dict[str, Any]) -> bool:
+        fields = {"op": case.op, "dtype": case.dtype, "mode": case.mode, **case.params, **context}
+        for key, wanted in self.where.items():
+            options = wanted if isinstance(wanted, list | tuple) else [wanted]
+            if fields.get(key) not in options:
+                return False
+        return True
+
+    def evaluate(self, results: Sequence[Result], context: dict[str, Any]) -> list[TargetOutcome]:
+        outcomes = []
+        for result in results:
+            if not self.matches(result.case, context):
+                continue
+            if self.kind == "speedup":
+                assert self.baseline is not None
+                value = result.speedup(self.provider, self.baseline)
+                detail = f"{self.provider} vs {self.baseline}: " + (
+                    f"{value:.2f}x" if value is not None else self._why_missing(result))
+            else:
+                mine = result.get(self.provider)
+                value = mine.share_of_peak if mine and mine.status == "ok" else None
+                detail = f"{self.provider}: " + (
+                    f"{value:.0%} of peak" if value is not None else self._why_missing(result))
+            passed = None if value is None else value >= self.threshold
+            outcomes.append(
+                TargetOutcome(self.name, result.case.name + f" {result.case.mode}", passed, value,
+                              self.threshold, detail))
+        if not outcomes:
+            outcomes.append(TargetOutcome(self.name, "-", None, None, self.threshold,
+                                          "no case of this run matches the target"))
+        return outcomes
+
+    def _why_missing(self, result: Result) -> str:
+        for name in (self.provider, self.baseline):
+            m = result.get(name) if name else None
+            if m is not None and m.status != "ok":
+                return f"{name} {m.status}: {m.reason}"
+        return "not measured"
+
+
+@dataclass
+class Provider:
+    """One implementation of a case. `build` prepares inputs and returns the zero-argument
+    callable that is timed (one call = one step of the case); it raises Skip when the
+    provider cannot run here."""
+
+    name: str
+    build: Callable[[], Callable[[], Any]]
+    # Errors while building or warming up (compiling) mean "skipped: <prefix>: error"
+    # rather than failed: e.g. torch.compile without a working C++ compiler.
+    skip_on_error: str | None = None
+
+
+@dataclass
+class Context:
+    """What a suite needs to know about the run."""
+
+    device: torch.device
+    info: DeviceInfo
+    peaks: DevicePeaks
+    dtype: torch.dtype | None  # user's choice, else the suite's defaults
+    full: bool
+    budget_s: float  # CPU timing budget per provider and case
+
+    @property
+    def target_context(self) -> dict[str, Any]:
+        return {"device": self.device.type, "threads": self.info.threads}
+
+
+@dataclass
+class Suite:
+    name: str
+    title: str
+    providers: list[str]  # the first is the subject; the others are its baselines
+    cases: Callable[[Context], list[Case]]
+    bench: Callable[[Context, Case], Result]
+    targets: Callable[[Context], list[Target]]
+    plot_x: str | None = None  # a case param to plot throughput against
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def input_sets(ctx: Context, set_bytes: int) -> int:
+    """How many input sets to rotate through so that the cache cannot hold the next call's
+    inputs: on CPU at least 2 and together twice the last-level cache; 1 on GPU, where
+    do_bench flushes L2 itself."""
+    if ctx.device.type == "cuda":
+        return 1
+    return max(2, min(8, math.ceil(2 * ctx.info.cache_bytes / max(set_bytes, 1))))
+
+
+def rotate(items: Sequence[T]) -> Callable[[], T]:
+    """A callable returning the items in turn, forever."""
+    cycle = itertools.cycle(items)
+    return lambda: next(cycle)
+
+
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile for a baseline: a fresh compile per case (no recompile limits, no
+    silent fallback to eager), whole graph or an error."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def run_case(ctx: Context, case: Case, providers: Sequence[Provider]) -> Result:
+    """Build and warm up every provider, time them side by side, then measure peak memory.
+    A provider that cannot run is recorded as skipped or failed, never fatal."""
+    measurements = {p.name: Measurement(p.name, "ok") for p in providers}
+    steps: dict[str, Callable[[], Any]] = {}
+    for provider in providers:
+        m = measurements[provider.name]
+        start = time.perf_counter()
+        try:
+            step = provider.build()
+            step()  # first call: compilation, autotuning, lazy initialisation
+            _sync(ctx.device)
+        except Skip as reason:
+            m.status, m.reason = "skipped", str(reason)
+            continue
+        except Exception as error:
+            skip = provider.skip_on_error is not None and not _oom(error)
+            m.status = "skipped" if skip else "failed"
+            m.reason = (f"{provider.skip_on_error}: " if skip else "") + one_line(error)
+            _release(ctx.device)
+            continue
+        m.warmup_s = time.perf_counter() - start
+        steps[provider.name] = step
+    for name, timing in measure_side_by_side(steps, device=ctx.device,
+                                             budget_s=ctx.budget_s).items():
+        m = measurements[name]
+        m.timing = timing
+        try:
+            m.peak_memory_bytes = peak_memory(steps[name], ctx.device)
+        except RuntimeError:  # out of memory with its outputs: keep the timing anyway
+            _release(ctx.device)
+        seconds = timing.median_ms * 1e-3
+        if case.bytes is not None:
+            m.throughput, m.unit = case.bytes / seconds / 1e9, "GB/s"
+            m.share_of_peak = m.throughput / ctx.peaks.copy_gbps
+        elif case.flops is not None:
+            m.throughput, m.unit = case.flops / seconds / 1e12, "TFLOP/s"
+            peak = ctx.peaks.matmul_tflops.get(case.dtype)
+            m.share_of_peak = m.throughput / peak if peak else None
+    steps.clear()
+    _release(ctx.device)
+    return Result(case, [measurements[p.name] for p in providers])
+
+
+def failed_case(case: Case, providers: Sequence[str], error: BaseException) -> Result:
+    """A case whose inputs could not even be built (e.g. out of memory)."""
+    reason = one_line(error)
+    return Result(case, [Measurement(name, "failed", reason) for name in providers])
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
