@@ -78,4 +78,7 @@ def as_rows(tensor: Tensor, features: int) -> Tensor:
     """View a (..., features) tensor as 2-D rows with unit column stride; copies only when
     no such view exists (for example a transposed input)."""
     rows = tensor.reshape(-1, features)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    if rows.stride(-1) == 1:
+        return rows
+    # Not .contiguous(): it keeps odd strides on empty and size-1 dimensions.
+    return rows.new_empty(rows.shape).copy_(rows)
