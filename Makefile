@@ -27,15 +27,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 
-# torch first, chosen by the machine: the CPU wheel (a local wheel, if pip's configuration
-# offers one, else PyTorch's CPU index) or the CUDA build where nvidia-smi sees a GPU.
+# torch first, chosen by the machine: the CUDA build where nvidia-smi sees a GPU, else the
+# CPU wheel: from pip's configured wheel folder if it holds one (its dependencies then come
+# from the usual index), else from PyTorch's CPU index.
 $(VENV)/.torch: | $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch already installed"; \
 	elif nvidia-smi -L >/dev/null 2>&1; then \
 		$(BIN)/pip install "torch>=2.11"; \
+	elif $(BIN)/pip install --no-index --no-deps "torch==$(TORCH_CPU_VERSION)+cpu" 2>/dev/null; then \
+		$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)+cpu"; \
 	else \
-		$(BIN)/pip install --no-index "torch==$(TORCH_CPU_VERSION)+cpu" 2>/dev/null || \
 		$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
 	touch $@

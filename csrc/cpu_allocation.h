@@ -13,8 +13,11 @@
 //
 // The memory comes from a c10::Allocator rather than at::from_blob so that the tensors are
 // ordinary CPU tensors with resizable storage (autograd, in-place ops, resize_, pickling all
-// work): only their allocator differs. Allocations below 2 MiB gain nothing and go to the
-// default CPU allocator.
+// work): only their allocator differs. Allocations below 32 MiB go to the default CPU
+// allocator: glibc serves those from its heap once its dynamic mmap threshold has risen
+// (it rises to the size of freed mapped chunks, up to 32 MiB), so in a loop they come back
+// already mapped and huge pages would only add faults; from 32 MiB on, glibc maps every
+// request afresh, and there huge pages pay.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,9 +34,11 @@ namespace fastformer {
 class HugePageCPUAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHugePage = size_t{2} << 20;
+  // glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: requests this large are always mmapped.
+  static constexpr size_t kAlwaysMapped = size_t{32} << 20;
 
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kHugePage) {
+    if (nbytes < kAlwaysMapped) {
       return c10::GetDefaultCPUAllocator()->allocate(nbytes);
     }
     const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
@@ -55,7 +60,7 @@ class HugePageCPUAllocator final : public c10::Allocator {
   }
 };
 
-// torch.empty(sizes, dtype) on the CPU, in huge pages when it spans at least one.
+// torch.empty(sizes, dtype) on the CPU, in huge pages from 32 MiB on.
 inline at::Tensor empty_cpu_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
   // Never destroyed: storages keep a pointer to their allocator, and may outlive static
   // destruction.
