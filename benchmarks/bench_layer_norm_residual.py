@@ -61,18 +61,32 @@ PROVIDERS = ["fastformer", "eager", "torch.compile", "liger", "flash_attn"]
 CPU_SHAPES = (8192, (512, 1024, 2048, 4096))
 CPU_FULL_SHAPES = (8192, (512, 768, 1024, 1536, 2048, 3072, 4096, 8192))
 GPU_SHAPES = (16384, (1024, 2048, 4096, 8192))
-GPU_FULL_SHAPES = (16384, (768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 8192, 12288, 16384,
-                           32768, 65536))
+GPU_FULL_SHAPES = (
+    16384,
+    (768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 8192, 12288, 16384, 32768, 65536),
+)
 # Variants (norm, dropout_p): LayerNorm only by default; --full adds RMSNorm and dropout.
 DEFAULT_VARIANTS = (("layer", 0.0),)
 FULL_VARIANTS = (("layer", 0.0), ("rms", 0.0), ("layer", 0.1))
 
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
-                   tuple[torch.Tensor, torch.Tensor]]
+Forward = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    tuple[torch.Tensor, torch.Tensor],
+]
 
 
-def required_bytes(rows: int, hidden: int, mode: str, *, s_x: int, s_r: int, s_h: int,
-                   s_w: int, has_bias: bool, rms: bool) -> int:
+def required_bytes(
+    rows: int,
+    hidden: int,
+    mode: str,
+    *,
+    s_x: int,
+    s_r: int,
+    s_h: int,
+    s_w: int,
+    has_bias: bool,
+    rms: bool,
+) -> int:
     """Bytes a perfect implementation moves (the formulas of the module docstring)."""
     act, params = rows * hidden, hidden * s_w * (1 + has_bias)
     forward = act * (s_x + s_r) + params + act * (s_x + s_h)
@@ -85,8 +99,11 @@ def required_bytes(rows: int, hidden: int, mode: str, *, s_x: int, s_r: int, s_h
 
 def _cases(ctx: Context) -> list[Case]:
     gpu = ctx.device.type == "cuda"
-    rows, hiddens = (GPU_FULL_SHAPES if ctx.full else GPU_SHAPES) if gpu else (
-        CPU_FULL_SHAPES if ctx.full else CPU_SHAPES)
+    rows, hiddens = (
+        (GPU_FULL_SHAPES if ctx.full else GPU_SHAPES)
+        if gpu
+        else (CPU_FULL_SHAPES if ctx.full else CPU_SHAPES)
+    )
     if ctx.dtype is not None:
         dtypes = [ctx.dtype]
     elif gpu:
@@ -100,12 +117,23 @@ def _cases(ctx: Context) -> list[Case]:
             for mode in ("fwd", "fwd+bwd"):
                 for hidden in hiddens:
                     rms = norm == "rms"
-                    name = f"{rows}x{hidden}" + (" rms" if rms else "") + (
-                        f" p={dropout_p:g}" if dropout_p else "")
-                    nbytes = required_bytes(rows, hidden, mode, s_x=size, s_r=size, s_h=size,
-                                            s_w=size, has_bias=not rms, rms=rms)
-                    params = {"rows": rows, "hidden": hidden, "norm": norm,
-                              "dropout_p": dropout_p}
+                    name = (
+                        f"{rows}x{hidden}"
+                        + (" rms" if rms else "")
+                        + (f" p={dropout_p:g}" if dropout_p else "")
+                    )
+                    nbytes = required_bytes(
+                        rows,
+                        hidden,
+                        mode,
+                        s_x=size,
+                        s_r=size,
+                        s_h=size,
+                        s_w=size,
+                        has_bias=not rms,
+                        rms=rms,
+                    )
+                    params = {"rows": rows, "hidden": hidden, "norm": norm, "dropout_p": dropout_p}
                     cases.append(Case(OP, name, dtype_name(dtype), mode, params, bytes=nbytes))
     return cases
 
@@ -158,8 +186,16 @@ def _flash_attn(ctx: Context, rms: bool, dropout_p: float) -> Forward:
 
     def flash(x, residual, weight, bias):
         # prenorm=True returns (out, residual_out), residual_out being our h.
-        return layer_norm_fn(x, weight, bias, residual=residual, eps=EPS, dropout_p=dropout_p,
-                             prenorm=True, is_rms_norm=rms)
+        return layer_norm_fn(
+            x,
+            weight,
+            bias,
+            residual=residual,
+            eps=EPS,
+            dropout_p=dropout_p,
+            prenorm=True,
+            is_rms_norm=rms,
+        )
 
     return flash
 
@@ -191,11 +227,20 @@ def _make_inputs(ctx: Context, case: Case) -> list[_Inputs]:
 
     # weight and bias (N elements) are shared by the sets: they stay cached in any kernel.
     weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(grad)
-    bias = None if case.params["norm"] == "rms" else (
-        0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(grad)
+    bias = (
+        None
+        if case.params["norm"] == "rms"
+        else (0.1 * torch.randn(hidden, device=device)).to(dtype).requires_grad_(grad)
+    )
     return [
-        _Inputs(activation(grad), activation(grad), weight, bias,
-                activation(False) if grad else None, activation(False) if grad else None)
+        _Inputs(
+            activation(grad),
+            activation(grad),
+            weight,
+            bias,
+            activation(False) if grad else None,
+            activation(False) if grad else None,
+        )
         for _ in range(input_sets(ctx, act_bytes))
     ]
 
@@ -204,6 +249,7 @@ def _step(forward: Forward, sets: list[_Inputs], mode: str) -> Callable[[], obje
     """One timed call: a forward, or a forward and its backward, on the next input set."""
     next_inputs = rotate(sets)
     if mode == "fwd":
+
         def step_forward():
             i = next_inputs()
             return forward(i.x, i.residual, i.weight, i.bias)
@@ -225,8 +271,11 @@ def _bench(ctx: Context, case: Case) -> Result:
     providers = [
         Provider("fastformer", lambda: _step(_fastformer(rms, p), sets, case.mode)),
         Provider("eager", lambda: _step(eager, sets, case.mode)),
-        Provider("torch.compile", lambda: _step(compiled(_eager(hidden, rms, p)), sets, case.mode),
-                 skip_on_error="torch.compile failed"),
+        Provider(
+            "torch.compile",
+            lambda: _step(compiled(_eager(hidden, rms, p)), sets, case.mode),
+            skip_on_error="torch.compile failed",
+        ),
         Provider("liger", lambda: _step(_liger(ctx, rms, p), sets, case.mode)),
         Provider("flash_attn", lambda: _step(_flash_attn(ctx, rms, p), sets, case.mode)),
     ]
@@ -236,22 +285,51 @@ def _bench(ctx: Context, case: Case) -> Result:
 def _targets(ctx: Context) -> list[Target]:
     """The issue's goals. CPU: 2 threads, float32, 8192 x 1024. GPU: bfloat16, 16384 rows."""
     if ctx.device.type == "cpu":
-        where = {"device": "cpu", "threads": 2, "dtype": "float32", "rows": 8192, "hidden": 1024,
-                 "norm": "layer", "dropout_p": 0.0}
+        where = {
+            "device": "cpu",
+            "threads": 2,
+            "dtype": "float32",
+            "rows": 8192,
+            "hidden": 1024,
+            "norm": "layer",
+            "dropout_p": 0.0,
+        }
         return [
-            Target("forward >= 2x eager", "speedup", 2.0, {**where, "mode": "fwd"},
-                   baseline="eager"),
-            Target("forward+backward >= 1.5x eager", "speedup", 1.5,
-                   {**where, "mode": "fwd+bwd"}, baseline="eager"),
+            Target(
+                "forward >= 2x eager", "speedup", 2.0, {**where, "mode": "fwd"}, baseline="eager"
+            ),
+            Target(
+                "forward+backward >= 1.5x eager",
+                "speedup",
+                1.5,
+                {**where, "mode": "fwd+bwd"},
+                baseline="eager",
+            ),
         ]
-    where = {"device": "cuda", "dtype": "bfloat16", "rows": 16384,
-             "hidden": [1024, 2048, 4096, 8192], "norm": "layer", "dropout_p": 0.0}
+    where = {
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "rows": 16384,
+        "hidden": [1024, 2048, 4096, 8192],
+        "norm": "layer",
+        "dropout_p": 0.0,
+    }
     return [
         Target("forward >= 80% of copy bandwidth", "share_of_peak", 0.8, {**where, "mode": "fwd"}),
-        Target("forward+backward >= 1.5x eager", "speedup", 1.5, {**where, "mode": "fwd+bwd"},
-               baseline="eager"),
-        Target("forward+backward faster than torch.compile", "speedup", 1.0,
-               {**where, "mode": "fwd+bwd"}, baseline="torch.compile"),
+        Target(
+            "forward+backward >= 1.5x eager",
+            "speedup",
+            1.5,
+            {**where, "mode": "fwd+bwd"},
+            baseline="eager",
+        ),
+        Target(
+            "forward+backward faster than torch.compile",
+            "speedup",
+            1.0,
+            {**where, "mode": "fwd+bwd"},
+            baseline="torch.compile",
+        ),
     ]
 
 

@@ -83,8 +83,11 @@ def optional_baselines() -> dict[str, str]:
             mod = importlib.import_module(module)
             found[module] = str(getattr(mod, "__version__", None) or _version(module) or "?")
         except ImportError as error:
-            found[module] = "not installed" if isinstance(error, ModuleNotFoundError) and (
-                error.name == module) else f"import failed: {one_line(error)}"
+            found[module] = (
+                "not installed"
+                if isinstance(error, ModuleNotFoundError) and (error.name == module)
+                else f"import failed: {one_line(error)}"
+            )
         except Exception as error:  # a broken build raises anything at import
             found[module] = f"import failed: {one_line(error)}"
     return found
@@ -135,9 +138,7 @@ def load_average() -> tuple[float, float, float] | None:
         return None
 
 
-
 def one_line(error: BaseException) -> str:
     """An error as one short line for the results: its type and first line."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-

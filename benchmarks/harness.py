@@ -122,7 +122,10 @@ def measure_side_by_side(
     for name, values in samples.items():
         values.sort()
         timings[name] = Timing(
-            _quantile(values, 0.5), _quantile(values, 0.2), _quantile(values, 0.8), len(values),
+            _quantile(values, 0.5),
+            _quantile(values, 0.2),
+            _quantile(values, 0.8),
+            len(values),
             f"time.perf_counter, interleaved rounds, {inner[name]} call(s) per sample",
         )
     return timings
@@ -229,9 +232,15 @@ def _measure_peaks(device: torch.device) -> DevicePeaks:
 # ----------------------------------------------------------------------------- data model
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-    "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 
 
@@ -329,19 +338,36 @@ class Target:
                 assert self.baseline is not None
                 value = result.speedup(self.provider, self.baseline)
                 detail = f"{self.provider} vs {self.baseline}: " + (
-                    f"{value:.2f}x" if value is not None else self._why_missing(result))
+                    f"{value:.2f}x" if value is not None else self._why_missing(result)
+                )
             else:
                 mine = result.get(self.provider)
                 value = mine.share_of_peak if mine and mine.status == "ok" else None
                 detail = f"{self.provider}: " + (
-                    f"{value:.0%} of peak" if value is not None else self._why_missing(result))
+                    f"{value:.0%} of peak" if value is not None else self._why_missing(result)
+                )
             passed = None if value is None else value >= self.threshold
             outcomes.append(
-                TargetOutcome(self.name, result.case.name + f" {result.case.mode}", passed, value,
-                              self.threshold, detail))
+                TargetOutcome(
+                    self.name,
+                    result.case.name + f" {result.case.mode}",
+                    passed,
+                    value,
+                    self.threshold,
+                    detail,
+                )
+            )
         if not outcomes:
-            outcomes.append(TargetOutcome(self.name, "-", None, None, self.threshold,
-                                          "no case of this run matches the target"))
+            outcomes.append(
+                TargetOutcome(
+                    self.name,
+                    "-",
+                    None,
+                    None,
+                    self.threshold,
+                    "no case of this run matches the target",
+                )
+            )
         return outcomes
 
     def _why_missing(self, result: Result) -> str:
@@ -446,8 +472,9 @@ def run_case(ctx: Context, case: Case, providers: Sequence[Provider]) -> Result:
             continue
         m.warmup_s = time.perf_counter() - start
         steps[provider.name] = step
-    for name, timing in measure_side_by_side(steps, device=ctx.device,
-                                             budget_s=ctx.budget_s).items():
+    for name, timing in measure_side_by_side(
+        steps, device=ctx.device, budget_s=ctx.budget_s
+    ).items():
         m = measurements[name]
         m.timing = timing
         try:

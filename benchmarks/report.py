@@ -58,16 +58,29 @@ def _cell(result: Result, provider: str) -> str:
 def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
     subject, *baselines = run.providers
     # Baselines skipped in every case get no column; the reason is printed below instead.
-    shown = [b for b in baselines if any(
-        m is not None and m.status != "skipped" for m in (r.get(b) for r in run.results))]
+    shown = [
+        b
+        for b in baselines
+        if any(m is not None and m.status != "skipped" for m in (r.get(b) for r in run.results))
+    ]
     dtypes = sorted({r.case.dtype for r in run.results})
     where = f"{device.name}, {device.threads} threads" if device.type == "cpu" else device.name
     table = Table(title=f"{run.title}: {where}" + (f", {dtypes[0]}" if len(dtypes) == 1 else ""))
-    units = "|".join(sorted({"GB/s" if r.case.bytes is not None else "TFLOP/s"
-                             for r in run.results}))
-    for header in ["case", "mode", *(["dtype"] if len(dtypes) > 1 else []), f"{subject} ms",
-                   *(f"{b} ms" for b in shown), *(f"vs {b}" for b in shown),
-                   units, "% peak", "peak MiB", ""]:
+    units = "|".join(
+        sorted({"GB/s" if r.case.bytes is not None else "TFLOP/s" for r in run.results})
+    )
+    for header in [
+        "case",
+        "mode",
+        *(["dtype"] if len(dtypes) > 1 else []),
+        f"{subject} ms",
+        *(f"{b} ms" for b in shown),
+        *(f"vs {b}" for b in shown),
+        units,
+        "% peak",
+        "peak MiB",
+        "",
+    ]:
         table.add_column(header, justify="left" if header in ("case", "mode", "") else "right")
     for result in run.results:
         mine = result.get(subject)
@@ -83,16 +96,23 @@ def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
         elif baseline_ms and mine.ms > min(baseline_ms.values()):
             mark = f"[bold red]<< slower than {min(baseline_ms, key=baseline_ms.get)}[/]"
         table.add_row(
-            result.case.name, result.case.mode, *([result.case.dtype] if len(dtypes) > 1 else []),
-            _cell(result, subject), *(_cell(result, b) for b in shown), *speedups,
+            result.case.name,
+            result.case.mode,
+            *([result.case.dtype] if len(dtypes) > 1 else []),
+            _cell(result, subject),
+            *(_cell(result, b) for b in shown),
+            *speedups,
             f"{mine.throughput:.1f}" if ok and mine.throughput is not None else "-",
             f"{mine.share_of_peak:.0%}" if ok and mine.share_of_peak is not None else "-",
-            _mib(mine.peak_memory_bytes) if ok else "-", mark,
+            _mib(mine.peak_memory_bytes) if ok else "-",
+            mark,
         )
     console.print(table)
     peaks = ", ".join(f"{d} matmul {v:.2f} TFLOP/s" for d, v in run.peaks.matmul_tflops.items())
-    console.print(f"measured peaks: copy {run.peaks.copy_gbps:.1f} GB/s, {peaks}; "
-                  f"'% peak' = {subject}'s GB/s over the copy bandwidth (TFLOP/s over matmul)")
+    console.print(
+        f"measured peaks: copy {run.peaks.copy_gbps:.1f} GB/s, {peaks}; "
+        f"'% peak' = {subject}'s GB/s over the copy bandwidth (TFLOP/s over matmul)"
+    )
     reasons: dict[str, set[str]] = defaultdict(set)
     for result in run.results:
         for m in result.measurements:
@@ -102,8 +122,10 @@ def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
         console.print(f"[dim]{key}: {'; '.join(sorted(texts))}[/]")
     for outcome in run.targets:
         verdict = {True: "[green]PASS[/]", False: "[bold red]FAIL[/]", None: "[yellow]n/a[/]"}
-        console.print(f"target {verdict[outcome.passed]} {outcome.target} [{outcome.case}]: "
-                      f"{outcome.detail} (threshold {outcome.threshold:g})")
+        console.print(
+            f"target {verdict[outcome.passed]} {outcome.target} [{outcome.case}]: "
+            f"{outcome.detail} (threshold {outcome.threshold:g})"
+        )
 
 
 # ----------------------------------------------------------------------------- JSON and CSV
@@ -117,8 +139,9 @@ def suite_record(run: SuiteRun) -> dict[str, Any]:
     return record
 
 
-def write_json(out_dir: Path, device: DeviceInfo, runs: list[SuiteRun],
-               implementation: Any = None) -> tuple[Path, dict]:
+def write_json(
+    out_dir: Path, device: DeviceInfo, runs: list[SuiteRun], implementation: Any = None
+) -> tuple[Path, dict]:
     """Merge these suites into results/<slug>.json (other suites' entries are kept).
     implementation: fastformer.info() of this run (which kernels ran)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +156,12 @@ def write_json(out_dir: Path, device: DeviceInfo, runs: list[SuiteRun],
             pass  # an unreadable file is replaced
     for run in runs:
         suites[run.suite] = suite_record(run)
-    document = {"schema": SCHEMA_VERSION, "device": dataclasses.asdict(device),
-                "fastformer": implementation, "suites": suites}
+    document = {
+        "schema": SCHEMA_VERSION,
+        "device": dataclasses.asdict(device),
+        "fastformer": implementation,
+        "suites": suites,
+    }
     # default=str: fastformer.info() may hold non-JSON values (dtypes, devices)
     document = json.loads(json.dumps(document, default=str))
     path.write_text(json.dumps(document, indent=1) + "\n")
@@ -149,18 +176,30 @@ def write_csv(out_dir: Path, device: DeviceInfo, document: dict[str, Any]) -> Pa
             case = result["case"]
             for m in result["measurements"]:
                 timing = m["timing"] or {}
-                rows.append({
-                    "suite": suite, "date": record["date"], "op": case["op"],
-                    "case": case["name"], "dtype": case["dtype"], "mode": case["mode"],
-                    **{f"param_{k}": v for k, v in case["params"].items()},
-                    "provider": m["provider"], "status": m["status"], "reason": m["reason"],
-                    "median_ms": timing.get("median_ms"), "p20_ms": timing.get("p20_ms"),
-                    "p80_ms": timing.get("p80_ms"), "repeats": timing.get("repeats"),
-                    "throughput": m["throughput"], "unit": m["unit"],
-                    "share_of_peak": m["share_of_peak"],
-                    "peak_memory_bytes": m["peak_memory_bytes"], "warmup_s": m["warmup_s"],
-                    "subject_speedup": result["speedup_of_subject"].get(m["provider"]),
-                })
+                rows.append(
+                    {
+                        "suite": suite,
+                        "date": record["date"],
+                        "op": case["op"],
+                        "case": case["name"],
+                        "dtype": case["dtype"],
+                        "mode": case["mode"],
+                        **{f"param_{k}": v for k, v in case["params"].items()},
+                        "provider": m["provider"],
+                        "status": m["status"],
+                        "reason": m["reason"],
+                        "median_ms": timing.get("median_ms"),
+                        "p20_ms": timing.get("p20_ms"),
+                        "p80_ms": timing.get("p80_ms"),
+                        "repeats": timing.get("repeats"),
+                        "throughput": m["throughput"],
+                        "unit": m["unit"],
+                        "share_of_peak": m["share_of_peak"],
+                        "peak_memory_bytes": m["peak_memory_bytes"],
+                        "warmup_s": m["warmup_s"],
+                        "subject_speedup": result["speedup_of_subject"].get(m["provider"]),
+                    }
+                )
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
@@ -193,15 +232,15 @@ def plot(out_dir: Path, device: DeviceInfo, run: SuiteRun) -> list[Path]:
         groups: dict[tuple[str, str], list[Result]] = defaultdict(list)
         for r in run.results:
             if r.case.dtype == dtype and run.plot_x in r.case.params:
-                variant = ", ".join(f"{k}={v}" for k, v in r.case.params.items()
-                                    if k != run.plot_x)
+                variant = ", ".join(f"{k}={v}" for k, v in r.case.params.items() if k != run.plot_x)
                 groups[variant, r.case.mode].append(r)
         if not groups:
             continue
         variants = list(dict.fromkeys(v for v, _ in groups))
         modes = list(dict.fromkeys(m for _, m in groups))
-        fig, axes = plt.subplots(len(variants), len(modes), squeeze=False,
-                                 figsize=(6 * len(modes), 4.2 * len(variants)))
+        fig, axes = plt.subplots(
+            len(variants), len(modes), squeeze=False, figsize=(6 * len(modes), 4.2 * len(variants))
+        )
         for ax in axes.flat:
             ax.set_visible(False)
         for (variant, mode), results in groups.items():
@@ -210,8 +249,11 @@ def plot(out_dir: Path, device: DeviceInfo, run: SuiteRun) -> list[Path]:
             title = f"{mode}, {variant}" if variant else mode
             unit = "GB/s"
             for provider in run.providers:
-                points = sorted((r.case.params[run.plot_x], m.throughput) for r in results
-                                if (m := r.get(provider)) and m.throughput is not None)
+                points = sorted(
+                    (r.case.params[run.plot_x], m.throughput)
+                    for r in results
+                    if (m := r.get(provider)) and m.throughput is not None
+                )
                 unit = next((m.unit for r in results if (m := r.get(provider)) and m.unit), unit)
                 if points:
                     ax.plot(*zip(*points, strict=True), marker="o", label=provider)

@@ -98,22 +98,40 @@ def run(
         torch.set_num_threads(previous_threads)
 
 
-def _run(suites: list[Suite], dtype: torch.dtype | None, out_dir: Path, full: bool,
-         device: torch.device, console: Console) -> dict[str, Any]:
+def _run(
+    suites: list[Suite],
+    dtype: torch.dtype | None,
+    out_dir: Path,
+    full: bool,
+    device: torch.device,
+    console: Console,
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     info = describe_device(device)
-    console.print(f"[bold]{info.name}[/] ({info.slug}), torch {info.torch}, triton {info.triton}, "
-                  f"python {info.python}" + (f", {info.threads} threads" if device.type == "cpu"
-                                            else f", CUDA {info.cuda}"))
-    if device.type == "cpu" and info.load_average and info.cpu_count and (
-            info.load_average[0] > 0.25 * info.cpu_count):
-        console.print(f"[bold yellow]warning:[/] load average {info.load_average[0]:.1f} on "
-                      f"{info.cpu_count} cores before starting: other processes compete for "
-                      "the CPU and the timings will be noisy")
+    console.print(
+        f"[bold]{info.name}[/] ({info.slug}), torch {info.torch}, triton {info.triton}, "
+        f"python {info.python}"
+        + (f", {info.threads} threads" if device.type == "cpu" else f", CUDA {info.cuda}")
+    )
+    if (
+        device.type == "cpu"
+        and info.load_average
+        and info.cpu_count
+        and (info.load_average[0] > 0.25 * info.cpu_count)
+    ):
+        console.print(
+            f"[bold yellow]warning:[/] load average {info.load_average[0]:.1f} on "
+            f"{info.cpu_count} cores before starting: other processes compete for "
+            "the CPU and the timings will be noisy"
+        )
     runs: list[report.SuiteRun] = []
     plots = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("measuring device peaks (copy, matmul)", total=None)
         peaks = device_peaks(device)
@@ -124,22 +142,37 @@ def _run(suites: list[Suite], dtype: torch.dtype | None, out_dir: Path, full: bo
             task = progress.add_task(suite.name, total=len(cases))
             results: list[Result] = []
             for case in cases:
-                progress.update(task, description=f"{suite.name}: {case.name} {case.mode} "
-                                                  f"{case.dtype}")
+                progress.update(
+                    task, description=f"{suite.name}: {case.name} {case.mode} {case.dtype}"
+                )
                 try:
                     results.append(suite.bench(ctx, case))
                 except Exception as error:  # inputs could not be built: record, go on
                     results.append(failed_case(case, suite.providers, error))
                 progress.advance(task)
             progress.remove_task(task)
-            outcomes = [o for t in suite.targets(ctx)
-                        for o in t.evaluate(results, ctx.target_context)]
-            settings = {"threads": info.threads, "full": full, "budget_s": ctx.budget_s,
-                        "dtype": dtype_name(dtype) if dtype else "suite default",
-                        "peak_memory": peak_memory_method(device),
-                        "load_average_after": load_average()}
-            run = report.SuiteRun(suite.name, suite.title, suite.providers, suite.plot_x,
-                                  info.date, settings, peaks, results, outcomes)
+            outcomes = [
+                o for t in suite.targets(ctx) for o in t.evaluate(results, ctx.target_context)
+            ]
+            settings = {
+                "threads": info.threads,
+                "full": full,
+                "budget_s": ctx.budget_s,
+                "dtype": dtype_name(dtype) if dtype else "suite default",
+                "peak_memory": peak_memory_method(device),
+                "load_average_after": load_average(),
+            }
+            run = report.SuiteRun(
+                suite.name,
+                suite.title,
+                suite.providers,
+                suite.plot_x,
+                info.date,
+                settings,
+                peaks,
+                results,
+                outcomes,
+            )
             report.print_table(console, run, info)
             plots += report.plot(out_dir, info, run)
             runs.append(run)

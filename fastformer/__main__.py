@@ -19,16 +19,21 @@ def _print_info(as_json: bool) -> None:
     from rich.table import Table
 
     console = Console()
-    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items()
-                         if version is not None)
+    versions = ", ".join(
+        f"{name} {version}" for name, version in report["versions"].items() if version is not None
+    )
     console.print(f"[bold]fastformer[/bold]  {versions}")
     console.print(f"device: {report['device']}")
     extension = report["extension"]
-    console.print("extension fastformer._C: "
-                  + ("built" if extension["available"] else f"[red]missing[/red] ({extension['error']})"))
+    console.print(
+        "extension fastformer._C: "
+        + ("built" if extension["available"] else f"[red]missing[/red] ({extension['error']})")
+    )
     triton = report["triton"]
-    console.print(f"triton: installed={triton['installed']} gpu={triton['gpu']} "
-                  f"interpreter={triton['interpreter']} runs_cpu_tensors={triton['runs_cpu_tensors']}")
+    console.print(
+        f"triton: installed={triton['installed']} gpu={triton['gpu']} "
+        f"interpreter={triton['interpreter']} runs_cpu_tensors={triton['runs_cpu_tensors']}"
+    )
     table = Table(title="implementation per op, device and dtype")
     table.add_column("op")
     table.add_column("device")
@@ -51,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmark the kernels on this machine's device")
     bench.add_argument("--ops", nargs="+", help="suites to run (default: all)")
     bench.add_argument("--dtype", help="dtype to benchmark (default: the device's usual one)")
-    bench.add_argument("--out", type=Path, default=None,
-                       help="output folder for JSON, CSV and plots (default: benchmarks/results)")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder for JSON, CSV and plots (default: benchmarks/results)",
+    )
     bench.add_argument("--full", action="store_true", help="the complete sweeps (slow)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--threads", type=int, help="CPU threads to pin (default 2)")
@@ -66,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.ops or ()) - set(SUITES))
     if unknown:
         parser.error(f"unknown --ops {unknown}; known: {sorted(SUITES)}")
-    run(args.ops, args.dtype, args.out or DEFAULT_OUT_DIR, args.full, device=args.device,
-        threads=args.threads)
+    run(
+        args.ops,
+        args.dtype,
+        args.out or DEFAULT_OUT_DIR,
+        args.full,
+        device=args.device,
+        threads=args.threads,
+    )
     return 0
 
 

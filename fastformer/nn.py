@@ -98,7 +98,9 @@ class _FusedNorm(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        extra = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        extra = (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
         if self.dropout:
             extra += f", dropout={self.dropout}"
         if self.residual_in_fp32:
@@ -126,8 +128,16 @@ class LayerNorm(_FusedNorm):
         dropout: float = 0.0,
         residual_in_fp32: bool = False,
     ) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, dropout,
-                         residual_in_fp32, device, dtype)
+        super().__init__(
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            bias,
+            dropout,
+            residual_in_fp32,
+            device,
+            dtype,
+        )
 
 
 class RMSNorm(_FusedNorm):
@@ -150,5 +160,13 @@ class RMSNorm(_FusedNorm):
         dropout: float = 0.0,
         residual_in_fp32: bool = False,
     ) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, False, dropout,
-                         residual_in_fp32, device, dtype)
+        super().__init__(
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            False,
+            dropout,
+            residual_in_fp32,
+            device,
+            dtype,
+        )

@@ -4,7 +4,8 @@ Maths, per row of N features (statistics in float32):
     h    = dropout(x) + residual            dropout(x) = x * keep / (1 - p), keep = rand >= p
     h    = round(h) to h's dtype             (the statistics see the rounded h, as eager does)
     mean = sum(h) / N,  var = sum((h - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
-    xhat = (h - mean) * rstd                 RMSNorm: xhat = h * rstd, rstd = 1/sqrt(sum(h^2)/N + eps)
+    xhat = (h - mean) * rstd                 RMSNorm: xhat = h * rstd,
+                                             rstd = 1 / sqrt(sum(h^2) / N + eps)
     out  = xhat * weight + bias
 Backward, with g = grad_out * weight:
     grad_h_total = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_h      (RMS: no mean(g))
@@ -110,6 +111,21 @@ def _load_row_param(PARAM, cols, N, HAS_PARAM: tl.constexpr, default: tl.constex
 
 
 @triton.jit
+def _store_out(
+    OUT, WEIGHT, BIAS, h, mean, rstd, rows, cols, mask, N,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """out = (h - mean) * rstd * weight + bias for a tile (mean is 0 for RMSNorm)."""
+    xhat = (h - mean[:, None]) * rstd[:, None]
+    weight = _load_row_param(WEIGHT, cols, N, HAS_WEIGHT, 1.0)
+    bias = _load_row_param(BIAS, cols, N, HAS_BIAS, 0.0)
+    out = xhat * weight + bias
+    tl.store(OUT + rows[:, None] * N + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+
+
+@triton.jit
 def _layer_norm_residual_fwd_kernel(
     X,  # [M, N] input, unit column stride
     RESIDUAL,  # [M, N] residual (unused without HAS_RESIDUAL)
@@ -185,11 +201,7 @@ def _layer_norm_residual_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
     if SINGLE_PASS:
-        xhat = (h - mean[:, None]) * rstd[:, None]
-        weight = _load_row_param(WEIGHT, cols, N, HAS_WEIGHT, 1.0)
-        bias = _load_row_param(BIAS, cols, N, HAS_BIAS, 0.0)
-        out = xhat * weight + bias
-        tl.store(OUT + rows[:, None] * N + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        _store_out(OUT, WEIGHT, BIAS, h, mean, rstd, rows, cols, mask, N, HAS_WEIGHT, HAS_BIAS)
     else:
         # Pass 2: recompute h from the inputs (cheaper than a barrier-ordered re-read of H).
         for start in range(0, N, BLOCK_N):
@@ -197,12 +209,8 @@ def _layer_norm_residual_fwd_kernel(
             mask = row_mask[:, None] & (chunk_cols < N)[None, :]
             h = _load_h(X, RESIDUAL, seed, rows, chunk_cols, mask, stride_x, stride_residual,
                         N, dropout_p, H_DTYPE, HAS_RESIDUAL, HAS_DROPOUT)
-            xhat = (h - mean[:, None]) * rstd[:, None]
-            weight = _load_row_param(WEIGHT, chunk_cols, N, HAS_WEIGHT, 1.0)
-            bias = _load_row_param(BIAS, chunk_cols, N, HAS_BIAS, 0.0)
-            out = xhat * weight + bias
-            tl.store(OUT + rows[:, None] * N + chunk_cols[None, :],
-                     out.to(OUT.dtype.element_ty), mask=mask)
+            _store_out(OUT, WEIGHT, BIAS, h, mean, rstd, rows, chunk_cols, mask, N, HAS_WEIGHT,
+                       HAS_BIAS)
 
 
 class LayerNormResidualForward(NamedTuple):
@@ -286,11 +294,16 @@ def _grad_tile(
 
 @triton.jit
 def _store_input_grads(
-    GRAD_H, GRAD_X, GRAD_RESIDUAL, seed, rows, cols, mask, grad_h_total, stride_grad_h, N,
-    dropout_p, HAS_GRAD_H: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    STORE_GRAD_RESIDUAL: tl.constexpr,
+    GRAD_H, GRAD_X, GRAD_RESIDUAL, seed, rows, cols, mask, g, xhat, mean_g, mean_g_xhat, rstd,
+    stride_grad_h, N, dropout_p, HAS_GRAD_H: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_RMS_NORM: tl.constexpr, STORE_GRAD_RESIDUAL: tl.constexpr,
 ):
-    """Add the gradient arriving at h, then write grad_residual and grad_x (through dropout)."""
+    """grad_h_total = rstd * (g - mean(g) - xhat * mean(g * xhat)) + grad_h for a tile, then
+    write grad_residual and grad_x (through dropout)."""
+    grad_h_total = g - xhat * mean_g_xhat
+    if not IS_RMS_NORM:
+        grad_h_total -= mean_g
+    grad_h_total = tl.where(mask, grad_h_total * rstd[:, None], 0.0)
     if HAS_GRAD_H:
         grad_h = tl.load(GRAD_H + rows[:, None] * stride_grad_h + cols[None, :], mask=mask,
                          other=0.0)
@@ -373,13 +386,9 @@ def _layer_norm_residual_bwd_kernel(
         mean_g = (sum_g / N)[:, None]
 
         if SINGLE_PASS:
-            grad_h_total = g - xhat * mean_g_xhat
-            if not IS_RMS_NORM:
-                grad_h_total -= mean_g
-            grad_h_total = tl.where(mask, grad_h_total * rstd[:, None], 0.0)
-            _store_input_grads(GRAD_H, GRAD_X, GRAD_RESIDUAL, seed, rows, cols, mask,
-                               grad_h_total, stride_grad_h, N, dropout_p, HAS_GRAD_H,
-                               HAS_DROPOUT, STORE_GRAD_RESIDUAL)
+            _store_input_grads(GRAD_H, GRAD_X, GRAD_RESIDUAL, seed, rows, cols, mask, g, xhat,
+                               mean_g, mean_g_xhat, rstd, stride_grad_h, N, dropout_p,
+                               HAS_GRAD_H, HAS_DROPOUT, IS_RMS_NORM, STORE_GRAD_RESIDUAL)
             grad_weight_acc += tl.sum(dy * xhat, axis=0)
             grad_bias_acc += tl.sum(dy, axis=0)
         else:
@@ -389,13 +398,10 @@ def _layer_norm_residual_bwd_kernel(
                 dy, xhat, g = _grad_tile(GRAD_OUT, H, WEIGHT, rows, chunk_cols, mask, mean,
                                          rstd, stride_grad_out, stride_h, N, HAS_WEIGHT,
                                          IS_RMS_NORM)
-                grad_h_total = g - xhat * mean_g_xhat
-                if not IS_RMS_NORM:
-                    grad_h_total -= mean_g
-                grad_h_total = tl.where(mask, grad_h_total * rstd[:, None], 0.0)
                 _store_input_grads(GRAD_H, GRAD_X, GRAD_RESIDUAL, seed, rows, chunk_cols,
-                                   mask, grad_h_total, stride_grad_h, N, dropout_p, HAS_GRAD_H,
-                                   HAS_DROPOUT, STORE_GRAD_RESIDUAL)
+                                   mask, g, xhat, mean_g, mean_g_xhat, rstd, stride_grad_h, N,
+                                   dropout_p, HAS_GRAD_H, HAS_DROPOUT, IS_RMS_NORM,
+                                   STORE_GRAD_RESIDUAL)
                 # The program's own partial row, read-modify-write; the barrier orders this
                 # iteration's stores before the next iteration's loads across its threads.
                 col_mask = chunk_cols < N
@@ -480,6 +486,7 @@ def layer_norm_residual_backward(
             SINGLE_PASS=config.single_pass,
             num_warps=config.num_warps,
         )
-    grad_weight = weight_partial.sum(0) if weight is not None else empty_absent(torch.float32, device)
-    grad_bias = bias_partial.sum(0) if has_bias else empty_absent(torch.float32, device)
+    absent = empty_absent(torch.float32, device)
+    grad_weight = weight_partial.sum(0) if weight is not None else absent
+    grad_bias = bias_partial.sum(0) if has_bias else absent
     return LayerNormResidualBackward(grad_x, grad_residual, grad_weight, grad_bias)

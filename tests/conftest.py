@@ -16,10 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTFORMER_POISON_OUTPUTS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import fastformer  # noqa: E402
-from fastformer import backend  # noqa: E402
+import fastformer
+from fastformer import backend
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_EXTENSION = fastformer.info()["extension"]["available"]
@@ -59,6 +59,7 @@ def implementation_cases() -> list:
 @pytest.fixture
 def use_implementation():
     """Returns a function that selects the implementation for the rest of the test."""
+
     def select(device: str, impl: str) -> None:
         backend.set_triton_on_cpu(device == "cpu" and impl == "triton")
 

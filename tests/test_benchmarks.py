@@ -17,9 +17,17 @@ def test_layer_norm_suite_runs_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(suite, "CPU_SHAPES", (64, (48, 96)))
     monkeypatch.setattr(runner, "BUDGET_S", {False: 0.05, True: 0.05})
-    monkeypatch.setattr(harness, "_measure_peaks", lambda device: harness.DevicePeaks(
-        copy_gbps=10.0, copy_bytes=1 << 20, matmul_tflops={"float32": 0.1}, matmul_n=64,
-        notes="smoke test: fixed peaks"))
+    monkeypatch.setattr(
+        harness,
+        "_measure_peaks",
+        lambda device: harness.DevicePeaks(
+            copy_gbps=10.0,
+            copy_bytes=1 << 20,
+            matmul_tflops={"float32": 0.1},
+            matmul_n=64,
+            notes="smoke test: fixed peaks",
+        ),
+    )
     monkeypatch.setattr(harness, "_PEAKS", {})
 
     document = run(["layer_norm_residual"], None, tmp_path, False, device="cpu", threads=1)
@@ -27,7 +35,8 @@ def test_layer_norm_suite_runs_end_to_end(tmp_path, monkeypatch):
     written = json.loads((tmp_path / f"{document['device']['slug']}.json").read_text())
     results = written["suites"]["layer_norm_residual"]["results"]
     assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
-        (f"64x{h}", mode) for h in (48, 96) for mode in ("fwd", "fwd+bwd")}
+        (f"64x{h}", mode) for h in (48, 96) for mode in ("fwd", "fwd+bwd")
+    }
     for result in results:
         by_provider = {m["provider"]: m for m in result["measurements"]}
         for provider in ("fastformer", "eager"):

@@ -23,14 +23,24 @@ def test_info_reports_versions_device_and_implementations():
 
 
 def test_command_line_info_as_json():
-    result = subprocess.run([sys.executable, "-m", "fastformer", "info", "--json"],
-                            capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastformer", "info", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     parsed = json.loads(result.stdout)
     assert "layer_norm_residual" in parsed["ops"]
 
 
 def test_command_line_info_table():
-    result = subprocess.run([sys.executable, "-m", "fastformer", "info"],
-                            capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastformer", "info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert "layer_norm_residual" in result.stdout
     assert "torch" in result.stdout

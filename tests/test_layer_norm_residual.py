@@ -57,14 +57,17 @@ def _inputs(shape, dtype, device, flags: Flags, seed: int = 0):
         "residual": rand(*shape, dtype=residual_dtype) if flags.residual else None,
         # weight around 1 and bias around 0 like trained parameters, but never exactly.
         "weight": (1 + 0.5 * rand(hidden, dtype=torch.float32)).to(param_dtype)
-        if flags.weight else None,
+        if flags.weight
+        else None,
         "bias": rand(hidden, dtype=param_dtype) if flags.bias else None,
     }
 
 
 def _run(fn, tensors, grads, **kwargs):
     """Forward and backward of fn; returns out, h and the gradient of every input."""
-    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in tensors.items()}
+    leaves = {
+        k: None if v is None else v.detach().clone().requires_grad_() for k, v in tensors.items()
+    }
     out, h = fn(leaves["x"], leaves["residual"], leaves["weight"], leaves["bias"], **kwargs)
     torch.autograd.backward([out, h], [grads["out"].to(out.dtype), grads["h"].to(h.dtype)])
     results = {"out": out.detach(), "h": h.detach()}
@@ -77,11 +80,9 @@ def _check_against_reference(tensors, atol, *, dropout_mask=None, **kwargs):
     x = tensors["x"]
     # A private generator: the op's dropout seed comes from the global one.
     generator = torch.Generator().manual_seed(1)
-    grads = {name: torch.randn(x.shape, generator=generator).to(x.device)
-             for name in ("out", "h")}
+    grads = {name: torch.randn(x.shape, generator=generator).to(x.device) for name in ("out", "h")}
     fast = _run(fastformer.layer_norm_residual, tensors, grads, **kwargs)
-    same = _run(reference.layer_norm_residual, tensors, grads, dropout_mask=dropout_mask,
-                **kwargs)
+    same = _run(reference.layer_norm_residual, tensors, grads, dropout_mask=dropout_mask, **kwargs)
     as64 = {k: None if v is None else v.double() for k, v in tensors.items()}
     ref64 = _run(reference.layer_norm_residual, as64, grads, dropout_mask=dropout_mask, **kwargs)
     # Results in float64 are compared with float64; the dtypes the op returns must match.
@@ -95,8 +96,9 @@ def _check_against_reference(tensors, atol, *, dropout_mask=None, **kwargs):
 def test_matches_reference(use_implementation, device, impl, dtype, atol, shape, flags):
     use_implementation(device, impl)
     tensors = _inputs(shape, dtype, device, flags, seed=hash((shape, flags)) % 2**31)
-    _check_against_reference(tensors, atol, rms_norm=flags.rms_norm,
-                             residual_in_fp32=flags.residual_in_fp32, eps=1e-5)
+    _check_against_reference(
+        tensors, atol, rms_norm=flags.rms_norm, residual_in_fp32=flags.residual_in_fp32, eps=1e-5
+    )
 
 
 @requires_extension
@@ -126,8 +128,12 @@ def test_non_contiguous_inputs(use_implementation, device, impl, dtype, atol):
         "bias": torch.randn(37, generator=generator).to(device=device, dtype=dtype),
     }
     _check_against_reference(tensors, atol)
-    broadcast = dict(tensors, residual=torch.randn(1, 37, generator=generator)
-                     .to(device=device, dtype=dtype).expand(19, 37))
+    broadcast = dict(
+        tensors,
+        residual=torch.randn(1, 37, generator=generator)
+        .to(device=device, dtype=dtype)
+        .expand(19, 37),
+    )
     _check_against_reference(broadcast, atol)  # rows of stride 0
 
 
@@ -150,16 +156,18 @@ def test_zero_rows(use_implementation, device, impl, dtype, atol):
 def _dropout_mask(shape, p, seed, device, dtype):
     """The keep-mask the op draws under this seed, read off h = dropout(ones)."""
     torch.manual_seed(seed)
-    _, h = fastformer.layer_norm_residual(torch.ones(shape, device=device, dtype=dtype),
-                                          dropout_p=p)
+    _, h = fastformer.layer_norm_residual(
+        torch.ones(shape, device=device, dtype=dtype), dropout_p=p
+    )
     return h != 0
 
 
 @requires_extension
 @pytest.mark.parametrize("device, impl, dtype, atol", implementation_cases())
 @pytest.mark.parametrize("rms_norm", [False, True])
-def test_dropout_matches_reference_with_its_mask(use_implementation, device, impl, dtype, atol,
-                                                rms_norm):
+def test_dropout_matches_reference_with_its_mask(
+    use_implementation, device, impl, dtype, atol, rms_norm
+):
     use_implementation(device, impl)
     shape, p = (23, 257), 0.3
     tensors = _inputs(shape, dtype, device, Flags(rms_norm=rms_norm))
@@ -181,8 +189,9 @@ def test_dropout_statistics_and_seeding(use_implementation, device, impl, dtype,
     assert not torch.equal(masks[0], masks[2]), "another seed must give another mask"
     # Kept elements are scaled by 1 / (1 - p), the rest are exactly zero.
     torch.manual_seed(1)
-    _, h = fastformer.layer_norm_residual(torch.ones(shape, device=device, dtype=dtype),
-                                          dropout_p=p)
+    _, h = fastformer.layer_norm_residual(
+        torch.ones(shape, device=device, dtype=dtype), dropout_p=p
+    )
     expected = torch.tensor(1 / (1 - p), dtype=dtype).item()
     assert torch.all((h == 0) | (h == expected))
 
@@ -197,8 +206,9 @@ def test_dropout_off_in_eval_and_at_zero(use_implementation):
 
 
 @requires_extension
-@pytest.mark.skipif(not fastformer.backend.triton_interpreter_enabled(),
-                    reason="needs the Triton interpreter")
+@pytest.mark.skipif(
+    not fastformer.backend.triton_interpreter_enabled(), reason="needs the Triton interpreter"
+)
 def test_cpp_and_triton_draw_the_same_mask(use_implementation):
     """Both implementations run Triton's Philox: the same seed gives the same mask."""
     masks = {}
@@ -240,13 +250,16 @@ def test_activation_checkpointing_recomputes_the_same_mask():
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_gradcheck_float64_cpp(rms_norm, dropout_p):
     generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(*s, dtype=torch.float64, generator=generator, requires_grad=True)
-              for s in ((3, 2, 11), (3, 2, 11), (11,), (11,))]
+    inputs = [
+        torch.randn(*s, dtype=torch.float64, generator=generator, requires_grad=True)
+        for s in ((3, 2, 11), (3, 2, 11), (11,), (11,))
+    ]
 
     def fn(x, residual, weight, bias):
         torch.manual_seed(3)  # the same dropout mask at every evaluation
-        out, h = fastformer.layer_norm_residual(x, residual, weight, bias, rms_norm=rms_norm,
-                                                dropout_p=dropout_p)
+        out, h = fastformer.layer_norm_residual(
+            x, residual, weight, bias, rms_norm=rms_norm, dropout_p=dropout_p
+        )
         return out, h
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
@@ -273,10 +286,24 @@ def test_opcheck(use_implementation, impl):
     for args in _opcheck_args():
         torch.library.opcheck(torch.ops.fastformer.layer_norm_residual_fwd.default, args)
     x = torch.randn(6, 13)
-    out, h, mean, rstd = torch.ops.fastformer.layer_norm_residual_fwd(
-        x, None, None, None, None, 1e-5, 0.0, False, torch.float32, False)
-    bwd_args = (torch.randn(6, 13), torch.randn(6, 13), x, torch.randn(13), mean, rstd, None,
-                0.0, False, True, torch.float32, torch.float32, False)
+    _out, _h, mean, rstd = torch.ops.fastformer.layer_norm_residual_fwd(
+        x, None, None, None, None, 1e-5, 0.0, False, torch.float32, False
+    )
+    bwd_args = (
+        torch.randn(6, 13),
+        torch.randn(6, 13),
+        x,
+        torch.randn(13),
+        mean,
+        rstd,
+        None,
+        0.0,
+        False,
+        True,
+        torch.float32,
+        torch.float32,
+        False,
+    )
     torch.library.opcheck(torch.ops.fastformer.layer_norm_residual_bwd.default, bwd_args)
 
 
@@ -303,8 +330,9 @@ def test_torch_compile_fullgraph(backend_name):
     inputs = [torch.randn(*s) for s in ((4, 5, 24), (4, 5, 24), (24,), (24,))]
     block = _compile_block(dropout_p=0.0)
     compiled = torch.compile(block, fullgraph=True, backend=backend_name)
-    for eager, compiled_result in zip(_loss_and_grads(block, inputs),
-                                      _loss_and_grads(compiled, inputs), strict=True):
+    for eager, compiled_result in zip(
+        _loss_and_grads(block, inputs), _loss_and_grads(compiled, inputs), strict=True
+    ):
         torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -337,7 +365,8 @@ def test_autocast_bfloat16_cpu():
     assert y.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
     assert h.dtype == torch.float32  # the float32 residual keeps the stream in float32
     expected_out, expected_h = reference.layer_norm_residual(
-        y.double(), residual.double(), norm.weight.double(), norm.bias.double())
+        y.double(), residual.double(), norm.weight.double(), norm.bias.double()
+    )
     torch.testing.assert_close(h.double(), expected_h, rtol=0, atol=1e-2)
     torch.testing.assert_close(out.double(), expected_out, rtol=0, atol=5e-2)
     out.float().sum().backward()
@@ -356,8 +385,16 @@ BAD_INPUTS = [
     ({"residual": torch.ones(2, 4)}, ValueError, r"residual must have shape \[2, 3\]"),
     ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \[3\]"),
     ({"bias": torch.ones(3, 1)}, ValueError, r"bias must have shape \[3\]"),
-    ({"residual": torch.ones(2, 3, dtype=torch.float64)}, TypeError, "residual must have x's dtype"),
-    ({"residual": torch.ones(2, 3, device="meta")}, ValueError, "residual must be on the same device"),
+    (
+        {"residual": torch.ones(2, 3, dtype=torch.float64)},
+        TypeError,
+        "residual must have x's dtype",
+    ),
+    (
+        {"residual": torch.ones(2, 3, device="meta")},
+        ValueError,
+        "residual must be on the same device",
+    ),
     ({"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
     ({"dropout_p": -0.1}, ValueError, r"dropout_p must be in \[0, 1\)"),
     ({"dropout_p": float("nan")}, ValueError, r"dropout_p must be in \[0, 1\)"),
@@ -368,8 +405,11 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("change, error, message", BAD_INPUTS,
-                         ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "change, error, message",
+    BAD_INPUTS,
+    ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(BAD_INPUTS)],
+)
 def test_bad_input_names_the_argument(change, error, message):
     arguments = {"x": torch.ones(2, 3), "residual": None, "weight": None, "bias": None}
     arguments.update(change)
@@ -388,8 +428,9 @@ def test_missing_extension_says_how_to_build(monkeypatch):
 
 
 @requires_extension
-@pytest.mark.skipif(not fastformer.backend.triton_interpreter_enabled(),
-                    reason="needs the Triton interpreter")
+@pytest.mark.skipif(
+    not fastformer.backend.triton_interpreter_enabled(), reason="needs the Triton interpreter"
+)
 def test_unsupported_case_falls_back_visibly(use_implementation):
     """float64 has no Triton kernel: it runs plain PyTorch, warns, and info() counts it."""
     use_implementation("cpu", "triton")

@@ -20,18 +20,25 @@ def _randomize(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize("normalized_shape", [12, (12,), (3, 4)])
 @pytest.mark.parametrize("elementwise_affine, bias", [(True, True), (True, False), (False, False)])
 def test_layer_norm_state_dict_round_trip(normalized_shape, elementwise_affine, bias):
-    theirs = torch.nn.LayerNorm(normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine,
-                                bias=bias)
+    theirs = torch.nn.LayerNorm(
+        normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine, bias=bias
+    )
     _randomize(theirs)
-    ours = fastformer.nn.LayerNorm(normalized_shape, eps=1e-6,
-                                   elementwise_affine=elementwise_affine, bias=bias)
+    ours = fastformer.nn.LayerNorm(
+        normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine, bias=bias
+    )
     ours.load_state_dict(theirs.state_dict())
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    back = torch.nn.LayerNorm(normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine,
-                              bias=bias)
+    back = torch.nn.LayerNorm(
+        normalized_shape, eps=1e-6, elementwise_affine=elementwise_affine, bias=bias
+    )
     back.load_state_dict(ours.state_dict())
 
-    shape = (2, 5, *((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape))
+    shape = (
+        2,
+        5,
+        *((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape),
+    )
     x = torch.randn(shape)
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(back(x), theirs(x))
@@ -68,8 +75,9 @@ def test_forward_with_residual_returns_out_and_stream():
     x, residual = torch.randn(3, 16), torch.randn(3, 16)
     out, h = norm(x, residual)
     torch.testing.assert_close(h, x + residual)
-    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + residual, (16,),
-                                                                   norm.weight, norm.bias))
+    torch.testing.assert_close(
+        out, torch.nn.functional.layer_norm(x + residual, (16,), norm.weight, norm.bias)
+    )
     only_out = norm(x, residual, return_residual=False)
     torch.testing.assert_close(only_out, out)
 

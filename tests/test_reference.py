@@ -10,7 +10,10 @@ from fastformer import reference
 
 
 def test_layer_norm_residual_is_eager_pytorch():
-    x, residual = torch.randn(4, 6, 33, dtype=torch.float64), torch.randn(4, 6, 33, dtype=torch.float64)
+    x, residual = (
+        torch.randn(4, 6, 33, dtype=torch.float64),
+        torch.randn(4, 6, 33, dtype=torch.float64),
+    )
     weight, bias = torch.randn(33, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
     out, h = reference.layer_norm_residual(x, residual, weight, bias, eps=1e-6)
     torch.testing.assert_close(h, x + residual)
@@ -48,16 +51,22 @@ def test_attention_matches_torch_sdpa(mask_kind, lengths):
     elif mask_kind == "float":
         mask = torch.randn(2, 1, length, source, dtype=torch.float64)
     kwargs = {"attn_mask": mask, "is_causal": mask_kind == "causal", "scale": 0.3}
-    torch.testing.assert_close(reference.scaled_dot_product_attention(q, k, v, **kwargs),
-                               F.scaled_dot_product_attention(q, k, v, **kwargs))
+    torch.testing.assert_close(
+        reference.scaled_dot_product_attention(q, k, v, **kwargs),
+        F.scaled_dot_product_attention(q, k, v, **kwargs),
+    )
 
 
 def test_attention_gqa_and_fully_masked_rows():
     q = torch.randn(1, 4, 3, 8, dtype=torch.float64)
-    k, v = torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    k, v = (
+        torch.randn(1, 2, 5, 8, dtype=torch.float64),
+        torch.randn(1, 2, 5, 8, dtype=torch.float64),
+    )
     torch.testing.assert_close(
         reference.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-        F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+    )
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[1] = False
     out = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -66,7 +75,9 @@ def test_attention_gqa_and_fully_masked_rows():
         reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
 
 
-@pytest.mark.parametrize("activation", sorted([*reference.ACTIVATIONS, *reference.GATED_ACTIVATIONS]))
+@pytest.mark.parametrize(
+    "activation", sorted([*reference.ACTIVATIONS, *reference.GATED_ACTIVATIONS])
+)
 def test_feed_forward_definition(activation):
     x = torch.randn(2, 5, 12, dtype=torch.float64)
     gated = activation in reference.GATED_ACTIVATIONS
@@ -74,10 +85,17 @@ def test_feed_forward_definition(activation):
     b1 = torch.randn(w1.shape[0], dtype=torch.float64)
     w2, b2 = torch.randn(12, 20, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     pre = x @ w1.T + b1
-    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu,
-           "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
+    act = {
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "silu": F.silu,
+        "swiglu": F.silu,
+        "geglu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    }[activation]
     hidden = act(pre[..., :20]) * pre[..., 20:] if gated else act(pre)
     torch.testing.assert_close(
-        reference.feed_forward(x, w1, b1, w2, b2, activation=activation), hidden @ w2.T + b2)
+        reference.feed_forward(x, w1, b1, w2, b2, activation=activation), hidden @ w2.T + b2
+    )
     with pytest.raises(ValueError, match="activation must be one of"):
         reference.feed_forward(x, w1, b1, w2, b2, activation="tanh")

@@ -45,9 +45,7 @@ def check_same_device(op: str, reference_name: str, reference: Tensor, **others:
 
 def check_shape(op: str, name: str, tensor: Tensor | None, expected: Sequence[int]) -> None:
     if tensor is not None and tuple(tensor.shape) != tuple(expected):
-        raise ValueError(
-            f"{op}: {name} must have shape {list(expected)}, got {list(tensor.shape)}"
-        )
+        raise ValueError(f"{op}: {name} must have shape {list(expected)}, got {list(tensor.shape)}")
 
 
 def check_probability(op: str, name: str, value: object) -> float:

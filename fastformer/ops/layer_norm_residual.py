@@ -30,21 +30,52 @@ def _triton_fwd(x, residual, weight, bias, seed, eps, dropout_p, rms_norm, h_dty
 
     return tuple(
         layer_norm_residual_forward(
-            x, residual, weight, bias, seed, eps=eps, dropout_p=dropout_p,
-            rms_norm=rms_norm, h_dtype=h_dtype, store_h=store_h,
+            x,
+            residual,
+            weight,
+            bias,
+            seed,
+            eps=eps,
+            dropout_p=dropout_p,
+            rms_norm=rms_norm,
+            h_dtype=h_dtype,
+            store_h=store_h,
         )
     )
 
 
-def _triton_bwd(grad_out, grad_h, h, weight, mean, rstd, seed, dropout_p, rms_norm, has_bias,
-                x_dtype, residual_dtype, store_grad_residual):
+def _triton_bwd(
+    grad_out,
+    grad_h,
+    h,
+    weight,
+    mean,
+    rstd,
+    seed,
+    dropout_p,
+    rms_norm,
+    has_bias,
+    x_dtype,
+    residual_dtype,
+    store_grad_residual,
+):
     from fastformer_kernels.layer_norm_residual import layer_norm_residual_backward
 
     return tuple(
         layer_norm_residual_backward(
-            grad_out, grad_h, h, weight, mean, rstd, seed, dropout_p=dropout_p,
-            rms_norm=rms_norm, has_bias=has_bias, x_dtype=x_dtype,
-            residual_dtype=residual_dtype, store_grad_residual=store_grad_residual,
+            grad_out,
+            grad_h,
+            h,
+            weight,
+            mean,
+            rstd,
+            seed,
+            dropout_p=dropout_p,
+            rms_norm=rms_norm,
+            has_bias=has_bias,
+            x_dtype=x_dtype,
+            residual_dtype=residual_dtype,
+            store_grad_residual=store_grad_residual,
         )
     )
 
@@ -54,8 +85,10 @@ backend.register_op(
     backend.OpSupport(
         triton_dtypes=_TRITON_DTYPES,
         cpp_dtypes=_checks.FLOAT_DTYPES,
-        triton_kernels={"layer_norm_residual_fwd": _triton_fwd,
-                        "layer_norm_residual_bwd": _triton_bwd},
+        triton_kernels={
+            "layer_norm_residual_fwd": _triton_fwd,
+            "layer_norm_residual_bwd": _triton_bwd,
+        },
     ),
 )
 
@@ -78,8 +111,21 @@ def _fake_fwd(x, residual, weight, bias, seed, eps, dropout_p, rms_norm, h_dtype
     return out, h, mean, x.new_empty((m,), dtype=acc)
 
 
-def _fake_bwd(grad_out, grad_h, h, weight, mean, rstd, seed, dropout_p, rms_norm, has_bias,
-              x_dtype, residual_dtype, store_grad_residual):
+def _fake_bwd(
+    grad_out,
+    grad_h,
+    h,
+    weight,
+    mean,
+    rstd,
+    seed,
+    dropout_p,
+    rms_norm,
+    has_bias,
+    x_dtype,
+    residual_dtype,
+    store_grad_residual,
+):
     m, n = h.shape
     acc = reference.accumulation_dtype(x_dtype)
     grad_x = h.new_empty((m, n), dtype=x_dtype)
@@ -119,8 +165,19 @@ def _backward(ctx, grad_out, grad_h, _grad_mean, _grad_rstd):
     # Without h, the gradient of h reaches x directly.
     grad_h = _checks.as_rows(grad_h, features) if ctx.store_h and grad_h is not None else None
     grad_x, grad_residual, grad_weight, grad_bias = torch.ops.fastformer.layer_norm_residual_bwd(
-        grad_out, grad_h, normalized, weight, mean, rstd, seed, ctx.dropout_p, ctx.rms_norm,
-        ctx.has_bias, ctx.x_dtype, ctx.residual_dtype, ctx.store_grad_residual,
+        grad_out,
+        grad_h,
+        normalized,
+        weight,
+        mean,
+        rstd,
+        seed,
+        ctx.dropout_p,
+        ctx.rms_norm,
+        ctx.has_bias,
+        ctx.x_dtype,
+        ctx.residual_dtype,
+        ctx.store_grad_residual,
     )
     if ctx.residual_dtype is None:
         grad_residual = None
@@ -183,12 +240,16 @@ def layer_norm_residual(
     bias = _checks.check_optional_tensor(OP, "bias", bias)
     eps = _checks.check_positive(OP, "eps", eps)
     dropout_p = _checks.check_probability(OP, "dropout_p", dropout_p)
-    for name, flag in (("rms_norm", rms_norm), ("residual_in_fp32", residual_in_fp32),
-                       ("training", training)):
+    for name, flag in (
+        ("rms_norm", rms_norm),
+        ("residual_in_fp32", residual_in_fp32),
+        ("training", training),
+    ):
         _checks.check_bool(OP, name, flag)
     if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"{OP}: x must have a last (feature) dimension of size >= 1, "
-                         f"got shape {list(x.shape)}")
+        raise ValueError(
+            f"{OP}: x must have a last (feature) dimension of size >= 1, got shape {list(x.shape)}"
+        )
     features = x.shape[-1]
     _checks.check_same_device(OP, "x", x, residual=residual, weight=weight, bias=bias)
     _checks.check_shape(OP, "residual", residual, x.shape)
@@ -196,8 +257,9 @@ def layer_norm_residual(
     _checks.check_shape(OP, "bias", bias, (features,))
     acc = reference.accumulation_dtype(x.dtype)
     if residual is not None and residual.dtype not in (x.dtype, acc):
-        raise TypeError(f"{OP}: residual must have x's dtype ({x.dtype}) or {acc}, "
-                        f"got {residual.dtype}")
+        raise TypeError(
+            f"{OP}: residual must have x's dtype ({x.dtype}) or {acc}, got {residual.dtype}"
+        )
 
     dropout_p = dropout_p if training else 0.0
     h_dtype = reference.residual_stream_dtype(
@@ -206,7 +268,13 @@ def layer_norm_residual(
     if backend.implementation(OP, x.device, x.dtype) == backend.TORCH_FALLBACK:
         backend.note_fallback(OP, x.device, x.dtype)
         return reference.layer_norm_residual(
-            x, residual, weight, bias, eps=eps, dropout_p=dropout_p, rms_norm=rms_norm,
+            x,
+            residual,
+            weight,
+            bias,
+            eps=eps,
+            dropout_p=dropout_p,
+            rms_norm=rms_norm,
             residual_in_fp32=residual_in_fp32,
         )
     _extension.require(OP)
@@ -220,7 +288,12 @@ def layer_norm_residual(
         None if residual is None else _checks.as_rows(residual, features),
         None if weight is None else weight.contiguous(),
         None if bias is None else bias.contiguous(),
-        seed, eps, dropout_p, rms_norm, h_dtype, store_h,
+        seed,
+        eps,
+        dropout_p,
+        rms_norm,
+        h_dtype,
+        store_h,
     )
     out = out.view(x.shape)
     return out, (h.view(x.shape) if store_h else x)
