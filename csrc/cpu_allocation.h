@@ -1,72 +1,82 @@
-// Allocation of large CPU output tensors in transparent huge pages.
+// Allocation of large CPU output tensors: transparent huge pages, and a bounded cache of
+// freed blocks.
 //
-// Why: a fresh multi-megabyte output usually comes straight from mmap (glibc's malloc maps every
-// request of 32 MiB or more afresh, smaller ones whenever its heap has been trimmed), and the
-// kernel maps such memory lazily, one 4 KiB page per fault, zeroing each. For a memory-bound
-// kernel that writes its output once, this first touch dominates: a 32 MB output costs ~9 ms of
-// page faults against ~1.3 ms for writing memory that is already mapped. Backed by 2 MiB huge
-// pages the same output takes 512x fewer faults (~3 ms). On kernels whose THP mode is "madvise"
-// (the usual default) only regions marked with madvise(MADV_HUGEPAGE) get huge pages, and only
-// 2 MiB-aligned 2 MiB ranges can be mapped by one, so the buffer is 2 MiB-aligned, rounded up to
-// whole huge pages and marked. Where huge pages are unavailable madvise fails harmlessly and the
-// memory is ordinary.
-//
-// The memory comes from a c10::Allocator rather than at::from_blob so that the tensors are
-// ordinary CPU tensors with resizable storage (autograd, in-place ops, resize_, pickling all
-// work): only their allocator differs. Allocations below 32 MiB go to the default CPU
-// allocator: glibc serves those from its heap once its dynamic mmap threshold has risen
-// (it rises to the size of freed mapped chunks, up to 32 MiB), so in a loop they come back
-// already mapped and huge pages would only add faults; from 32 MiB on, glibc maps every
-// request afresh, and there huge pages pay.
+// Why: a fresh multi-megabyte buffer usually comes straight from mmap, and the kernel maps
+// such memory lazily, one zeroed 4 KiB page per fault. For a memory-bound kernel that writes
+// its output once, this first touch dominates: a 32 MB output costs ~9 ms of page faults
+// against ~1.3 ms for writing memory that is already mapped. Whether glibc hands back mapped
+// or fresh memory depends on its heap's history (its mmap threshold moves, its heap is
+// trimmed), so the same call is fast or slow by accident. This allocator makes it
+// deterministic:
+//  - blocks of 2 MiB and more are 2 MiB-aligned, rounded to whole huge pages and marked
+//    madvise(MADV_HUGEPAGE), so a first touch takes 512x fewer faults (THP "madvise" mode,
+//    the usual default; where huge pages are unavailable madvise fails harmlessly);
+//  - freed blocks are kept, up to a bound, and handed out again for the same rounded size,
+//    already mapped: in a training or inference loop every output after the first is free
+//    of page faults. Like torch's CUDA caching allocator, the cache holds memory after the
+//    tensors are freed: at most FASTFORMER_CPU_CACHE_MIB MiB (default 1024; 0 disables it),
+//    released by fastformer.empty_cpu_cache().
+// Smaller requests go to torch's default CPU allocator. The memory comes from a
+// c10::Allocator rather than at::from_blob so that the tensors are ordinary CPU tensors with
+// resizable storage (autograd, in-place ops, resize_, pickling all work).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
 
-#include <cstdlib>
-
-#include <sys/mman.h>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 namespace fastformer {
 
 class HugePageCPUAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHugePage = size_t{2} << 20;
-  // glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: requests this large are always mmapped.
-  static constexpr size_t kAlwaysMapped = size_t{32} << 20;
 
-  c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kAlwaysMapped) {
-      return c10::GetDefaultCPUAllocator()->allocate(nbytes);
-    }
-    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* ptr = nullptr;
-    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&ptr, kHugePage, rounded) == 0,
-                     "HugePageCPUAllocator: not enough memory: you tried to allocate ", nbytes,
-                     " bytes.");
-    madvise(ptr, rounded, MADV_HUGEPAGE);
-    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
-  }
+  struct Stats {
+    int64_t cached_bytes;  // held in the cache, free for reuse
+    int64_t cached_blocks;
+    int64_t limit_bytes;  // the bound on cached_bytes
+    int64_t reuses;  // allocations served from the cache
+    int64_t fresh;  // allocations that mapped new memory
+  };
 
+  // The process-wide instance (never destroyed: storages may outlive static destruction).
+  static HugePageCPUAllocator& instance();
+
+  c10::DataPtr allocate(size_t nbytes) override;
   void copy_data(void* dest, const void* src, size_t count) const override {
     default_copy_data(dest, src, count);
   }
 
+  Stats stats();
+  void empty_cache();  // returns every cached block to the system
+
  private:
-  static void release(void* ptr) {
-    std::free(ptr);
-  }
+  struct Block {
+    void* ptr;
+    size_t bytes;  // rounded to whole huge pages
+  };
+  explicit HugePageCPUAllocator(size_t limit_bytes) : limit_bytes_(limit_bytes) {}
+  static void release(void* block);  // the DataPtr deleter; its context is a Block*
+  void recycle(Block* block);
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_blocks_;  // rounded bytes -> blocks
+  size_t cached_bytes_ = 0;
+  const size_t limit_bytes_;
+  int64_t reuses_ = 0;
+  int64_t fresh_ = 0;
 };
 
-// torch.empty(sizes, dtype) on the CPU, in huge pages from 32 MiB on.
-inline at::Tensor empty_cpu_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
-  // Never destroyed: storages keep a pointer to their allocator, and may outlive static
-  // destruction.
-  static auto* const allocator = new HugePageCPUAllocator();
-  return at::detail::empty_generic(
-      sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
-}
+// torch.empty(sizes, dtype) on the CPU, through HugePageCPUAllocator.
+at::Tensor empty_cpu_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype);
+
+// Behind the ops fastformer::cpu_cache_stats and fastformer::empty_cpu_cache.
+std::vector<int64_t> cpu_cache_stats();  // [cached_bytes, cached_blocks, limit_bytes, reuses, fresh]
+void empty_cpu_cache();
 
 }  // namespace fastformer

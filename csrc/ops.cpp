@@ -3,6 +3,8 @@
 // CPU kernels register themselves beside their implementation (TORCH_LIBRARY_IMPL in
 // <op>_cpu.cpp); the CUDA kernels of the Triton ops are registered from Python
 // (fastformer/ops/<op>.py), as are the fake kernels and autograd formulas.
+#include "cpu_allocation.h"
+
 #include <Python.h>
 #include <torch/library.h>
 
@@ -26,6 +28,11 @@ TORCH_LIBRARY(fastformer, m) {
       "Tensor mean, Tensor rstd, Tensor? seed, float dropout_p, bool rms_norm, bool has_bias, "
       "ScalarType x_dtype, ScalarType? residual_dtype, bool store_grad_residual) "
       "-> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+
+  // The cache of freed CPU output blocks (cpu_allocation.h): its state
+  // [cached_bytes, cached_blocks, limit_bytes, reuses, fresh], and a call that empties it.
+  m.def("cpu_cache_stats() -> int[]", &fastformer::cpu_cache_stats);
+  m.def("empty_cpu_cache() -> ()", &fastformer::empty_cpu_cache);
 }
 
 // The extension is a Python module only so that `import fastformer._C` loads the library

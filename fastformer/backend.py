@@ -143,6 +143,20 @@ def note_fallback(op: str, device: torch.device, dtype: torch.dtype) -> None:
         )
 
 
+def empty_cpu_cache() -> None:
+    """Release the freed CPU output blocks fastformer keeps for reuse (see the README)."""
+    _extension.require("empty_cpu_cache")
+    torch.ops.fastformer.empty_cpu_cache()
+
+
+def _cpu_cache_info() -> dict | None:
+    if not _extension.available:
+        return None
+    cached_bytes, blocks, limit_bytes, reuses, fresh = torch.ops.fastformer.cpu_cache_stats()
+    return {"cached_mib": cached_bytes / 2**20, "cached_blocks": blocks,
+            "limit_mib": limit_bytes / 2**20, "reuses": reuses, "fresh_allocations": fresh}
+
+
 def _device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()}"
@@ -184,6 +198,7 @@ def info() -> dict:
             for op in sorted(_ops)
         },
         "fallback_calls": dict(fallback_counts),
+        "cpu_output_cache": _cpu_cache_info(),
     }
 
 

@@ -3,6 +3,7 @@ this machine runs (C++ CPU; Triton through the interpreter on CPU, natively on a
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import pytest
@@ -442,3 +443,35 @@ def test_unsupported_case_falls_back_visibly(use_implementation):
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (5,)))
     assert fastformer.info()["fallback_calls"]["layer_norm_residual"] == before + 1
     assert fastformer.info()["ops"]["layer_norm_residual"]["cpu"]["float64"] == "torch (fallback)"
+
+
+# ----------------------------------------------------------------------------------------
+# The CPU output cache
+# ----------------------------------------------------------------------------------------
+
+
+@requires_extension
+def test_cpu_outputs_reuse_freed_blocks_and_empty_releases_them():
+    def stats():
+        return fastformer.info()["cpu_output_cache"]
+
+    x = torch.randn(1024, 1024)  # 4 MiB outputs: above the 2 MiB huge-page size
+    fastformer.empty_cpu_cache()
+    for _ in range(3):
+        out, h = fastformer.layer_norm_residual(x, x)
+        del out, h
+    after_loop = stats()
+    assert after_loop["cached_blocks"] >= 2 and after_loop["cached_mib"] >= 8
+    reused = after_loop["reuses"]
+    out, h = fastformer.layer_norm_residual(x, x)
+    assert stats()["reuses"] == reused + 2
+    torch.testing.assert_close(h, x + x)  # a reused block holds fresh results
+    fastformer.empty_cpu_cache()
+    assert stats()["cached_mib"] == 0
+    # Outputs from the cache are ordinary tensors: resizable and picklable.
+    out.resize_(2048, 1024)
+    assert out.shape == (2048, 1024)
+    buffer = io.BytesIO()
+    torch.save(h, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer), x + x)
