@@ -46,8 +46,10 @@ def _print_info(as_json: bool) -> None:
     console.print(table)
     cache = report["cpu_output_cache"]
     if cache is not None:
-        console.print(f"CPU output cache: {cache['cached_mib']:.0f} of {cache['limit_mib']:.0f} MiB "
-                      f"held, {cache['reuses']} reuses, {cache['fresh_allocations']} fresh")
+        console.print(
+            f"CPU output cache: {cache['cached_mib']:.0f} of {cache['limit_mib']:.0f} MiB held, "
+            f"{cache['reuses']} reuses, {cache['fresh_allocations']} fresh"
+        )
     if report["fallback_calls"]:
         console.print(f"calls that fell back to PyTorch: {report['fallback_calls']}")
 
