@@ -153,8 +153,13 @@ def _cpu_cache_info() -> dict | None:
     if not _extension.available:
         return None
     cached_bytes, blocks, limit_bytes, reuses, fresh = torch.ops.fastformer.cpu_cache_stats()
-    return {"cached_mib": cached_bytes / 2**20, "cached_blocks": blocks,
-            "limit_mib": limit_bytes / 2**20, "reuses": reuses, "fresh_allocations": fresh}
+    return {
+        "cached_mib": cached_bytes / 2**20,
+        "cached_blocks": blocks,
+        "limit_mib": limit_bytes / 2**20,
+        "reuses": reuses,
+        "fresh_allocations": fresh,
+    }
 
 
 def _device_name() -> str:
