@@ -1,25 +1,46 @@
-"""fastformer.info() and `python -m fastformer info`."""
+"""fastformer.info(), `python -m fastformer info`, and choosing the CPU implementation."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import torch
 
 import fastformer
+from tests.conftest import requires_extension
 
 
-def test_info_reports_versions_device_and_implementations():
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def test_info_reports_versions_device_and_status():
     info = fastformer.info()
     assert info["versions"]["torch"] == torch.__version__
-    assert info["device"]
+    assert info["device"].startswith(("cpu:", "cuda:"))
     assert isinstance(info["extension"]["available"], bool)
-    implementations = info["ops"]["layer_norm_residual"]["cpu"]
-    expected = "c++" if info["extension"]["available"] else None
-    if expected:
-        assert implementations["float32"] == expected
+    assert set(info["ops"]["layer_norm_residual"]) >= {"cpu"}
+
+
+@requires_extension
+def test_info_names_the_cpu_implementation():
+    by_dtype = fastformer.info()["ops"]["layer_norm_residual"]["cpu"]
+    assert by_dtype == {dtype: "c++" for dtype in ("float32", "float16", "bfloat16", "float64")}
+    if not fastformer.backend.triton_interpreter_enabled():
+        return  # with a GPU the tests run without the interpreter
+    with fastformer.triton_on_cpu():
+        by_dtype = fastformer.info()["ops"]["layer_norm_residual"]["cpu"]
+    assert by_dtype["float32"] == "triton (interpreter)"
+    assert by_dtype["float64"] == "torch (fallback)"  # no Triton kernel for float64
 
 
 def test_command_line_info_as_json():
@@ -30,8 +51,7 @@ def test_command_line_info_as_json():
         check=True,
         timeout=120,
     )
-    parsed = json.loads(result.stdout)
-    assert "layer_norm_residual" in parsed["ops"]
+    assert "layer_norm_residual" in json.loads(result.stdout)["ops"]
 
 
 def test_command_line_info_table():
@@ -43,4 +63,22 @@ def test_command_line_info_table():
         timeout=120,
     )
     assert "layer_norm_residual" in result.stdout
-    assert "torch" in result.stdout
+    assert f"torch {torch.__version__}" in result.stdout
+
+
+@requires_extension
+def test_cpu_backend_chosen_by_environment():
+    report = "import fastformer, json; print(json.dumps(fastformer.info()['ops']))"
+    result = _python(report, TRITON_INTERPRET="1", FASTFORMER_CPU_BACKEND="triton")
+    assert result.returncode == 0, result.stderr
+    cpu = json.loads(result.stdout)["layer_norm_residual"]["cpu"]
+    assert cpu["float16"] == "triton (interpreter)"
+
+    without_interpreter = _python(
+        "import fastformer", TRITON_INTERPRET="0", FASTFORMER_CPU_BACKEND="triton"
+    )
+    assert without_interpreter.returncode != 0
+    assert "set TRITON_INTERPRET=1" in without_interpreter.stderr
+
+    unknown = _python("import fastformer", FASTFORMER_CPU_BACKEND="gpu")
+    assert "FASTFORMER_CPU_BACKEND must be 'cpp' or 'triton'" in unknown.stderr
