@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import platform
@@ -38,8 +39,24 @@ class OpSupport:
 
     triton_dtypes: tuple[torch.dtype, ...]
     cpp_dtypes: tuple[torch.dtype, ...]
-    # dispatcher op name -> Triton implementation, registered for CUDA (and CPU on demand)
-    triton_kernels: dict[str, Callable] = field(default_factory=dict)
+    # dispatcher op name -> "module:function" of its Triton launcher, which takes the op's
+    # arguments in schema order; registered for CUDA (and CPU on demand), imported on first
+    # call so that importing fastformer does not import Triton.
+    triton_kernels: dict[str, str] = field(default_factory=dict)
+
+
+def _lazy_kernel(path: str) -> Callable:
+    module_name, function_name = path.split(":")
+    launcher: Callable | None = None
+
+    def kernel(*args):
+        nonlocal launcher
+        if launcher is None:
+            launcher = getattr(importlib.import_module(module_name), function_name)
+        return tuple(launcher(*args))  # the dispatcher wants a plain tuple
+
+    kernel.__name__ = function_name
+    return kernel
 
 
 _ops: dict[str, OpSupport] = {}
@@ -66,8 +83,8 @@ def register_op(name: str, support: OpSupport) -> None:
         return
     if _cuda_library is None:
         _cuda_library = torch.library.Library("fastformer", "IMPL")
-    for op_name, kernel in support.triton_kernels.items():
-        _cuda_library.impl(op_name, kernel, "CUDA")
+    for op_name, path in support.triton_kernels.items():
+        _cuda_library.impl(op_name, _lazy_kernel(path), "CUDA")
     if _cpu_triton_library is not None:
         _cpu_triton_library_register(support)
 
@@ -77,8 +94,8 @@ def _cpu_triton_library_register(support: OpSupport) -> None:
     with warnings.catch_warnings():
         # Replacing the C++ CPU kernel is the point here; the dispatcher warns about it.
         warnings.simplefilter("ignore", UserWarning)
-        for op_name, kernel in support.triton_kernels.items():
-            _cpu_triton_library.impl(op_name, kernel, "CPU")
+        for op_name, path in support.triton_kernels.items():
+            _cpu_triton_library.impl(op_name, _lazy_kernel(path), "CPU")
 
 
 def cpu_runs_triton() -> bool:

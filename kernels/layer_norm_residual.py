@@ -229,14 +229,14 @@ def layer_norm_residual_forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     seed: torch.Tensor | None,
-    *,
     eps: float,
     dropout_p: float,
     rms_norm: bool,
     h_dtype: torch.dtype,
     store_h: bool,
 ) -> LayerNormResidualForward:
-    """Launch the forward kernel on 2-D x (M, N); see the module docstring for the maths."""
+    """Launch the forward kernel on 2-D x (M, N); see the module docstring for the maths.
+    The arguments are those of the op fastformer::layer_norm_residual_fwd, in its order."""
     require_unit_column_stride("layer_norm_residual_fwd", x=x, residual=residual, weight=weight,
                                bias=bias)
     m, n = x.shape
@@ -440,7 +440,6 @@ def layer_norm_residual_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     seed: torch.Tensor | None,
-    *,
     dropout_p: float,
     rms_norm: bool,
     has_bias: bool,
@@ -448,7 +447,8 @@ def layer_norm_residual_backward(
     residual_dtype: torch.dtype | None,
     store_grad_residual: bool,
 ) -> LayerNormResidualBackward:
-    """Launch the backward kernel; see the module docstring for the maths."""
+    """Launch the backward kernel; see the module docstring for the maths. The arguments are
+    those of the op fastformer::layer_norm_residual_bwd, in its order."""
     require_unit_column_stride("layer_norm_residual_bwd", grad_out=grad_out, grad_h=grad_h, h=h,
                                weight=weight)
     m, n = h.shape

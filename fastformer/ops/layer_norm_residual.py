@@ -18,76 +18,19 @@ OP = "layer_norm_residual"
 _FWD = "fastformer::layer_norm_residual_fwd"
 _BWD = "fastformer::layer_norm_residual_bwd"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNELS = "fastformer_kernels.layer_norm_residual"
 
 
-# ----------------------------------------------------------------------------------------
-# Triton implementations of the dispatcher ops (CUDA; CPU through the interpreter)
-# ----------------------------------------------------------------------------------------
-
-
-def _triton_fwd(x, residual, weight, bias, seed, eps, dropout_p, rms_norm, h_dtype, store_h):
-    from fastformer_kernels.layer_norm_residual import layer_norm_residual_forward
-
-    return tuple(
-        layer_norm_residual_forward(
-            x,
-            residual,
-            weight,
-            bias,
-            seed,
-            eps=eps,
-            dropout_p=dropout_p,
-            rms_norm=rms_norm,
-            h_dtype=h_dtype,
-            store_h=store_h,
-        )
-    )
-
-
-def _triton_bwd(
-    grad_out,
-    grad_h,
-    h,
-    weight,
-    mean,
-    rstd,
-    seed,
-    dropout_p,
-    rms_norm,
-    has_bias,
-    x_dtype,
-    residual_dtype,
-    store_grad_residual,
-):
-    from fastformer_kernels.layer_norm_residual import layer_norm_residual_backward
-
-    return tuple(
-        layer_norm_residual_backward(
-            grad_out,
-            grad_h,
-            h,
-            weight,
-            mean,
-            rstd,
-            seed,
-            dropout_p=dropout_p,
-            rms_norm=rms_norm,
-            has_bias=has_bias,
-            x_dtype=x_dtype,
-            residual_dtype=residual_dtype,
-            store_grad_residual=store_grad_residual,
-        )
-    )
-
-
+# The Triton launchers take the dispatcher ops' arguments in schema order; they are imported
+# on first use, so that importing fastformer does not import Triton.
 backend.register_op(
     OP,
     backend.OpSupport(
         triton_dtypes=_TRITON_DTYPES,
         cpp_dtypes=_checks.FLOAT_DTYPES,
         triton_kernels={
-            "layer_norm_residual_fwd": _triton_fwd,
-            "layer_norm_residual_bwd": _triton_bwd,
+            "layer_norm_residual_fwd": f"{_KERNELS}:layer_norm_residual_forward",
+            "layer_norm_residual_bwd": f"{_KERNELS}:layer_norm_residual_backward",
         },
     ),
 )
