@@ -249,9 +249,11 @@ def layer_norm_residual_forward(
         return LayerNormResidualForward(out, h, mean, rstd)
     config = launch_config(n)
     has_dropout = dropout_p > 0.0
+    # Outputs a call does not write go in as None (a compile-time constant), never as
+    # empty tensors, whose null pointers a GPU launch may reject.
     _layer_norm_residual_fwd_kernel[(triton.cdiv(m, config.block_m),)](
         x, residual, weight, bias, seed if has_dropout else None,
-        out, h, mean, rstd,
+        out, h if store_h else None, None if rms_norm else mean, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         m, n, eps, dropout_p,
         H_DTYPE=_TL_DTYPES[h_dtype if store_h else x.dtype],
@@ -454,9 +456,10 @@ def layer_norm_residual_backward(
     m, n = h.shape
     device = h.device
     grad_x = empty((m, n), x_dtype, device)
+    store_grad_residual = store_grad_residual and residual_dtype is not None
     grad_residual = (
         empty((m, n), residual_dtype, device)
-        if store_grad_residual and residual_dtype is not None
+        if store_grad_residual
         else empty_absent(residual_dtype or x_dtype, device)
     )
     config = launch_config(n)
@@ -466,13 +469,17 @@ def layer_norm_residual_backward(
     programs = triton.cdiv(m, rows_per_program) if m else 1
     # Zero-filled: programs without rows leave their partial row untouched, and the
     # chunked path accumulates into it.
-    weight_partial = torch.zeros((programs, n), dtype=torch.float32, device=device)
-    bias_partial = torch.zeros((programs, n), dtype=torch.float32, device=device)
+    weight_partial = torch.zeros((programs, n), dtype=torch.float32, device=device) \
+        if weight is not None else None
+    bias_partial = torch.zeros((programs, n), dtype=torch.float32, device=device) \
+        if has_bias else None
     if m > 0:
         has_dropout = dropout_p > 0.0
+        # Unused pointers go in as None, never as empty tensors (see the forward launcher).
         _layer_norm_residual_bwd_kernel[(programs,)](
-            grad_out, grad_h, h, weight, mean, rstd, seed if has_dropout else None,
-            grad_x, grad_residual, weight_partial, bias_partial,
+            grad_out, grad_h, h, weight, None if rms_norm else mean, rstd,
+            seed if has_dropout else None,
+            grad_x, grad_residual if store_grad_residual else None, weight_partial, bias_partial,
             grad_out.stride(0), grad_h.stride(0) if grad_h is not None else 0, h.stride(0),
             m, n, rows_per_program, dropout_p,
             HAS_GRAD_H=grad_h is not None,
@@ -480,13 +487,13 @@ def layer_norm_residual_backward(
             HAS_BIAS=has_bias,
             HAS_DROPOUT=has_dropout,
             IS_RMS_NORM=rms_norm,
-            STORE_GRAD_RESIDUAL=store_grad_residual and residual_dtype is not None,
+            STORE_GRAD_RESIDUAL=store_grad_residual,
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             SINGLE_PASS=config.single_pass,
             num_warps=config.num_warps,
         )
     absent = empty_absent(torch.float32, device)
-    grad_weight = weight_partial.sum(0) if weight is not None else absent
-    grad_bias = bias_partial.sum(0) if has_bias else absent
+    grad_weight = weight_partial.sum(0) if weight_partial is not None else absent
+    grad_bias = bias_partial.sum(0) if bias_partial is not None else absent
     return LayerNormResidualBackward(grad_x, grad_residual, grad_weight, grad_bias)
