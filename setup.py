@@ -88,7 +88,13 @@ def _extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["fastformer", "fastformer.ops", "fastformer_kernels", "fastformer_benchmarks"],
+    packages=[
+        "fastformer",
+        "fastformer.ops",
+        "fastformer.integrations",
+        "fastformer_kernels",
+        "fastformer_benchmarks",
+    ],
     package_dir={"fastformer_kernels": "kernels", "fastformer_benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -18,7 +18,8 @@ def _print_info(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Piped output (logs, tests) gets a wide table rather than rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     versions = ", ".join(
         f"{name} {version}" for name, version in report["versions"].items() if version is not None
     )
@@ -35,7 +36,7 @@ def _print_info(as_json: bool) -> None:
         f"interpreter={triton['interpreter']} runs_cpu_tensors={triton['runs_cpu_tensors']}"
     )
     table = Table(title="implementation per op, device and dtype")
-    table.add_column("op")
+    table.add_column("op", no_wrap=True)
     table.add_column("device")
     dtypes = ["float32", "float16", "bfloat16", "float64"]
     for dtype in dtypes:

@@ -28,6 +28,7 @@ from . import _extension
 TRITON = "triton"
 TRITON_INTERPRETER = "triton (interpreter)"
 CPP = "c++"
+TORCH_CPU_KERNEL = "torch (fused CPU kernel)"
 TORCH_FALLBACK = "torch (fallback)"
 
 CPU_BACKEND_ENV = "FASTFORMER_CPU_BACKEND"
@@ -38,7 +39,9 @@ class OpSupport:
     """What the fast implementations of one op accept."""
 
     triton_dtypes: tuple[torch.dtype, ...]
-    cpp_dtypes: tuple[torch.dtype, ...]
+    cpu_dtypes: tuple[torch.dtype, ...]
+    # what runs CPU tensors of cpu_dtypes: the C++ kernels, or PyTorch's own fused CPU kernel
+    cpu_implementation: str = CPP
     # dispatcher op name -> "module:function" of its Triton launcher, which takes the op's
     # arguments in schema order; registered for CUDA (and CPU on demand), imported on first
     # call so that importing fastformer does not import Triton.
@@ -80,7 +83,7 @@ def register_op(name: str, support: OpSupport) -> None:
     global _cuda_library
     _ops[name] = support
     if not _extension.available or not support.triton_kernels:
-        return
+        return  # Python-defined ops (torch.library.custom_op) carry their own kernels
     if _cuda_library is None:
         _cuda_library = torch.library.Library("fastformer", "IMPL")
     for op_name, path in support.triton_kernels.items():
@@ -117,10 +120,10 @@ def set_triton_on_cpu(enabled: bool) -> None:
             "Triton kernels run on CPU tensors only through Triton's interpreter: set "
             "TRITON_INTERPRET=1 in the environment before importing fastformer"
         )
-    _extension.require("use_triton_on_cpu")
     _cpu_triton_library = torch.library.Library("fastformer", "IMPL")
-    for support in _ops.values():
-        _cpu_triton_library_register(support)
+    if _extension.available:  # without it, only the Python-defined ops run (they need no switch)
+        for support in _ops.values():
+            _cpu_triton_library_register(support)
 
 
 @contextlib.contextmanager
@@ -141,21 +144,22 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
         return TRITON
     if device.type == "cpu" and cpu_runs_triton():
         return TRITON_INTERPRETER if dtype in support.triton_dtypes else TORCH_FALLBACK
-    if device.type == "cpu" and dtype in support.cpp_dtypes:
-        return CPP
+    if device.type == "cpu" and dtype in support.cpu_dtypes:
+        return support.cpu_implementation
     return TORCH_FALLBACK
 
 
-def note_fallback(op: str, device: torch.device, dtype: torch.dtype) -> None:
+def note_fallback(op: str, device: torch.device, dtype: torch.dtype, reason: str = "") -> None:
     """Count a call that runs plain PyTorch, and warn the first time for each op."""
     if torch.compiler.is_compiling():
         return
     fallback_counts[op] += 1
     if op not in _warned:
         _warned.add(op)
+        why = reason or f"no fused kernel for {dtype} tensors on {device.type}"
         warnings.warn(
-            f"fastformer.{op}: no fused kernel for {dtype} tensors on {device.type}; running "
-            "plain PyTorch instead (fastformer.info() counts these calls)",
+            f"fastformer.{op}: {why}; running plain PyTorch instead (fastformer.info() "
+            "counts these calls)",
             stacklevel=3,
         )
 

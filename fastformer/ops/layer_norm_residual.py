@@ -27,7 +27,7 @@ backend.register_op(
     OP,
     backend.OpSupport(
         triton_dtypes=_TRITON_DTYPES,
-        cpp_dtypes=_checks.FLOAT_DTYPES,
+        cpu_dtypes=_checks.FLOAT_DTYPES,
         triton_kernels={
             "layer_norm_residual_fwd": f"{_KERNELS}:layer_norm_residual_forward",
             "layer_norm_residual_bwd": f"{_KERNELS}:layer_norm_residual_backward",

@@ -1,0 +1,433 @@
+"""fastformer.scaled_dot_product_attention and fastformer.flash_attn_func: flash attention.
+
+The dispatcher ops fastformer::attention_fwd / _bwd are defined here with
+torch.library.custom_op (their kernels are Triton, so they need no compiled extension),
+with fake kernels for torch.compile and an autograd formula. They run the Triton kernels of
+fastformer_kernels.attention: on CUDA natively, on CPU through Triton's interpreter inside
+fastformer.triton_on_cpu(). Other CPU calls run PyTorch's own fused CPU kernel; calls the
+kernels do not support run torch's function and are counted (fastformer.info()).
+
+Both APIs reduce to one banded form: key j is visible to query i iff
+    i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
+(a negative window side is unbounded): SDPA's is_causal is (0, -1, 0), flash-attn's causal
+is bottom-right aligned, diagonal_offset = S - L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backend
+from . import _checks
+
+OP = "scaled_dot_product_attention"
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+# torch's function, captured before fastformer.patch_sdpa() can replace it.
+torch_sdpa = F.scaled_dot_product_attention
+
+backend.register_op(
+    OP,
+    backend.OpSupport(
+        triton_dtypes=_TRITON_DTYPES,
+        cpu_dtypes=_checks.FLOAT_DTYPES,
+        cpu_implementation=backend.TORCH_CPU_KERNEL,
+    ),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatcher ops, fake kernels, autograd
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastformer::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    seed: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    diagonal_offset: int,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor]:
+    """(out (B, Hq, L, Dv), lse (B, Hq, L) float32) of q (B, Hq, L, D), k (B, Hkv, S, D),
+    v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S) (stride 0 where broadcast)."""
+    from fastformer_kernels.attention import attention_forward
+
+    return tuple(
+        attention_forward(
+            q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right
+        )
+    )
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right):
+    batch, heads, length, _ = q.shape
+    out = q.new_empty((batch, heads, length, v.shape[-1]))
+    return out, q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    seed: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    diagonal_offset: int,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_q, grad_k, grad_v) of attention_fwd."""
+    from fastformer_kernels.attention_backward import attention_backward
+
+    return tuple(
+        attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mask,
+            seed,
+            scale,
+            dropout_p,
+            diagonal_offset,
+            window_left,
+            window_right,
+        )
+    )
+
+
+@attention_bwd.register_fake
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    seed,
+    scale,
+    dropout_p,
+    diagonal_offset,
+    window_left,
+    window_right,
+):
+    # Contiguous, as the kernels write them (empty_like would keep a transposed q's strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, seed, *band = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.band = band  # scale, dropout_p, diagonal_offset, window_left, window_right
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, mask, seed, *ctx.band)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Shared by both APIs: checks and the call of the op on (B, H, L, E) tensors
+# ----------------------------------------------------------------------------------------
+
+
+def _unit_last_stride(tensor: Tensor) -> Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _kernel_problem(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> str | None:
+    """Why the Triton kernels cannot take this call: "" when they can, None when this
+    device's own implementation (PyTorch's fused CPU kernel) is meant to run it."""
+    implementation = backend.implementation(OP, query.device, query.dtype)
+    if implementation == backend.TORCH_CPU_KERNEL:
+        return None
+    if implementation == backend.TORCH_FALLBACK:
+        return f"no kernel for {query.dtype} on {query.device.type}"
+    if not (key.dtype == value.dtype == query.dtype):
+        return "query, key and value of different dtypes"
+    for name, dim in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
+        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+            return f"{name} head dim {dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if mask is not None and mask.requires_grad:
+        return "a float mask that requires grad"
+    return ""
+
+
+def _runs_torch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bool:
+    """True when torch's function runs this call (counted and warned when it stands in for
+    a kernel that cannot take it)."""
+    problem = _kernel_problem(query, key, value, mask)
+    if problem:
+        backend.note_fallback(OP, query.device, query.dtype, reason=problem)
+    return problem is None or bool(problem)
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    diagonal_offset: int,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor]:
+    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    return attention_fwd(
+        _unit_last_stride(q),
+        _unit_last_stride(k),
+        _unit_last_stride(v),
+        mask,
+        seed,
+        scale,
+        dropout_p,
+        diagonal_offset,
+        window_left,
+        window_right,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# torch.nn.functional.scaled_dot_product_attention's API
+# ----------------------------------------------------------------------------------------
+
+
+def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        _checks.check_tensor(OP, name, tensor)
+        if tensor.dim() < 2:
+            raise ValueError(
+                f"{OP}: {name} must have at least 2 dimensions (..., L, E), "
+                f"got shape {list(tensor.shape)}"
+            )
+    _checks.check_same_device(OP, "query", query, key=key, value=value, attn_mask=attn_mask)
+    _checks.check_probability(OP, "dropout_p", dropout_p)
+    _checks.check_bool(OP, "is_causal", is_causal)
+    _checks.check_bool(OP, "enable_gqa", enable_gqa)
+    if scale is not None:
+        _checks.check_positive(OP, "scale", scale)
+    if not query.dim() == key.dim() == value.dim():
+        raise ValueError(
+            f"{OP}: query, key and value must have the same number of dimensions, "
+            f"got {query.dim()}, {key.dim()} and {value.dim()}"
+        )
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"{OP}: key's last dimension must equal query's ({query.shape[-1]}), "
+            f"got {key.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"{OP}: key and value must have the same length (dim -2), "
+            f"got {key.shape[-2]} and {value.shape[-2]}"
+        )
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(
+            f"{OP}: key and value must agree in every dimension but the last, "
+            f"got {list(key.shape)} and {list(value.shape)}"
+        )
+    lead_q, lead_k = query.shape[:-2], key.shape[:-2]
+    if enable_gqa and query.dim() >= 3:
+        if lead_q[:-1] != lead_k[:-1] or lead_q[-1] % lead_k[-1] != 0:
+            raise ValueError(
+                f"{OP}: with enable_gqa, key's heads (dim -3) must divide query's "
+                f"and the other dimensions match, got query {list(query.shape)} "
+                f"and key {list(key.shape)}"
+            )
+    elif lead_q != lead_k:
+        raise ValueError(
+            f"{OP}: query and key must agree in their leading dimensions "
+            f"(pass enable_gqa=True for fewer key/value heads), got "
+            f"{list(query.shape)} and {list(key.shape)}"
+        )
+    if attn_mask is not None:
+        _checks.check_tensor(OP, "attn_mask", attn_mask, (torch.bool, *_checks.FLOAT_DTYPES))
+        if is_causal:
+            raise ValueError(f"{OP}: pass attn_mask or is_causal=True, not both")
+        target = (*query.shape[:-1], key.shape[-2])
+        try:
+            torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            raise ValueError(
+                f"{OP}: attn_mask of shape {list(attn_mask.shape)} does not "
+                f"broadcast to (..., L, S) = {list(target)}"
+            ) from None
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, with the same signature and results.
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev). A boolean mask keeps
+    positions where True, a float mask is added; masks broadcast to (..., L, S) and are read
+    through their strides, never materialised. is_causal aligns the diagonal to the upper
+    left. A query row with every key masked gives zeros (and finite gradients). dropout_p is
+    applied whenever it is > 0, as torch does.
+    """
+    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if _runs_torch(query, key, value, attn_mask):
+        return torch_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+
+    source = key.shape[-2]
+    # Flatten the leading dimensions to (B, H): views for the usual 3-D and 4-D inputs.
+    q = query.reshape(-1, *query.shape[-3:]) if query.dim() >= 3 else query[None, None]
+    k = key.reshape(-1, *key.shape[-3:]) if key.dim() >= 3 else key[None, None]
+    v = value.reshape(-1, *value.shape[-3:]) if value.dim() >= 3 else value[None, None]
+    mask = None
+    if attn_mask is not None:
+        # Broadcast by strides (0 where broadcast): a view, not a copy.
+        mask = attn_mask.expand(*query.shape[:-1], source).reshape(*q.shape[:-1], source)
+    out, _lse = _attend(
+        q,
+        k,
+        v,
+        mask,
+        scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]),
+        dropout_p,
+        0,
+        -1,
+        0 if is_causal else -1,
+    )
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------
+# flash_attn.flash_attn_func's API
+# ----------------------------------------------------------------------------------------
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """flash_attn.flash_attn_func: q (B, L, Hq, D), k (B, S, Hkv, D), v (B, S, Hkv, Dv).
+
+    causal aligns the diagonal to the bottom right (query i sees keys up to i + S - L, the
+    KV-cache convention); window_size (left, right) limits each query to keys within that
+    many positions of its diagonal (-1: unbounded); Hkv may divide Hq (GQA/MQA).
+    Returns out (B, L, Hq, Dv), and with return_lse the log-sum-exp (B, Hq, L) in float32.
+    """
+    name = "flash_attn_func"
+    for arg, tensor in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(name, arg, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(
+                f"{name}: {arg} must be 4-D (batch, seqlen, heads, head_dim), "
+                f"got shape {list(tensor.shape)}"
+            )
+    _checks.check_same_device(name, "q", q, k=k, v=v)
+    dropout_p = _checks.check_probability(name, "dropout_p", dropout_p)
+    _checks.check_bool(name, "causal", causal)
+    if softmax_scale is not None:
+        _checks.check_positive(name, "softmax_scale", softmax_scale)
+    if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
+        raise ValueError(f"{name}: window_size must be (left, right) ints >= -1, got {window_size}")
+    if k.shape[:-1] != v.shape[:-1] or k.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"{name}: k and v must be (batch, seqlen_k, heads_k, *) with q's "
+            f"batch, got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
+        )
+    if k.shape[-1] != q.shape[-1] or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"{name}: k must have q's head_dim and a head count dividing q's, "
+            f"got q {list(q.shape)} and k {list(k.shape)}"
+        )
+    length, source = q.shape[1], k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    window_left, window_right = window_size
+    if causal:
+        window_right = 0
+    diagonal_offset = source - length
+    # (B, L, H, D) -> (B, H, L, D): views; the kernels take any strides but the last.
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if _runs_torch(q, k, v, None):
+        out, lse = _banded_attention_torch(
+            qt, kt, vt, scale, dropout_p, diagonal_offset, window_left, window_right
+        )
+    else:
+        out, lse = _attend(
+            qt, kt, vt, None, scale, dropout_p, diagonal_offset, window_left, window_right
+        )
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _banded_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    dropout_p: float,
+    diagonal_offset: int,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor]:
+    """The same banded attention through torch's function, for calls the kernels do not
+    take; the band becomes an explicit (L, S) boolean mask."""
+    length, source = q.shape[-2], k.shape[-2]
+    rows = torch.arange(length, device=q.device)[:, None] + diagonal_offset
+    cols = torch.arange(source, device=q.device)[None, :]
+    visible = torch.ones(length, source, dtype=torch.bool, device=q.device)
+    if window_left >= 0:
+        visible &= cols >= rows - window_left
+    if window_right >= 0:
+        visible &= cols <= rows + window_right
+    groups = q.shape[1] // k.shape[1]
+    out = torch_sdpa(
+        q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=scale, enable_gqa=groups > 1
+    )
+    scores = (q.float() @ k.repeat_interleave(groups, dim=1).float().transpose(-2, -1)) * scale
+    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return out, lse

@@ -1,0 +1,392 @@
+"""Flash attention in Triton: forward and FlashAttention-2 backward, with grouped kv heads,
+bool or float masks, banded masking (causal, sliding windows) and dropout.
+
+Maths, for query i of head h (reading kv head h // (Hq / Hkv)) and key j, in float32:
+    s_ij  = scale * q_i . k_j + mask_ij           bool mask: -inf where False
+    s_ij  = -inf unless  i + offset - left <= j <= i + offset + right   (band; a side < 0 is open)
+    lse_i = log sum_j exp(s_ij)                   -inf when every key of row i is masked
+    p_ij  = exp(s_ij - lse_i),   z_ij = rand(seed, ((b * Hq + h) * L + i) * S + j) >= p_drop
+    out_i = sum_j p_ij * z_ij / (1 - p_drop) * v_j          (0 for a fully masked row)
+Backward, with delta_i = dO_i . out_i:
+    dP_ij = z_ij / (1 - p_drop) * dO_i . v_j,    dS_ij = p_ij * (dP_ij - delta_i)
+    dq_i  = scale * sum_j dS_ij k_j,   dk_j = scale * sum_i dS_ij q_i,
+    dv_j  = sum_i p_ij * z_ij / (1 - p_drop) * dO_i     (dk, dv summed over the kv head's group)
+
+Limits and choices:
+- q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): any strides with a unit last one; no
+  copies, no repeat of k/v for grouped heads. 16 <= D, Dv <= 256; head dims that are not
+  powers of two are padded inside the kernels by masked loads. Offsets are int64.
+- Online softmax in base 2: log2(e) is folded into the scale and the mask, exp2 throughout,
+  float32 statistics and accumulators. fp32 inputs use IEEE dot products (no TF32).
+- The mask is read tile by tile through its four strides (0 where broadcast). Finite float
+  mask values stay finite after scaling (finfo(float32).min does not become -inf).
+- Key blocks outside the band are skipped by the loop bounds; blocks wholly inside the band
+  and the sequences run without the per-element band mask (three loops, one body).
+- Dropout is regenerated from the Philox seed in the backward; nothing is stored.
+- Backward: delta by a preprocess kernel; dK/dV per key block looping over query blocks and
+  over every query head of the group; dQ per query block looping over key blocks. No
+  atomics: the results are deterministic.
+- Grids are one-dimensional (blocks x batch x heads in dim 0). On CUDA the tile shapes are
+  autotuned per head dim, dtype, features and power-of-two buckets of L and S; under
+  Triton's interpreter a single 16 x 16 tile is used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import empty, next_power_of_2, require_unit_column_stride
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+
+# ----------------------------------------------------------------------------------------
+# Tile shapes: (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages, widest head dim),
+# the widest head dim (fp32 counts four times) for which the tile stays within Hopper's
+# registers and shared memory. Autotuning picks among the tiles that fit a call.
+# ----------------------------------------------------------------------------------------
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FWD_TILES = [(128, 128, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 4, 3, 64),
+              (128, 32, 4, 3, 64), (64, 64, 4, 3, 128), (64, 64, 8, 2, 256), (64, 32, 4, 2, 256),
+              (32, 64, 4, 3, 256), (16, 128, 4, 2, 128), (16, 64, 4, 3, 256), (32, 32, 4, 2, 512),
+              (16, 32, 4, 2, 512)]
+_DKDV_TILES = [(64, 128, 8, 2, 64), (32, 128, 8, 2, 128), (16, 128, 8, 2, 128),
+               (16, 64, 4, 2, 64), (32, 32, 4, 2, 128), (32, 32, 8, 1, 512), (16, 32, 4, 1, 512)]
+_DQ_TILES = [(128, 64, 8, 2, 128), (128, 32, 8, 2, 128), (128, 32, 4, 3, 64), (64, 64, 4, 3, 128),
+             (64, 32, 4, 2, 128), (64, 64, 8, 2, 256), (32, 64, 4, 2, 256), (16, 64, 4, 2, 256),
+             (32, 32, 4, 1, 512), (16, 32, 4, 1, 512)]
+_PREPROCESS_BLOCK_M = 16 if INTERPRETING else 64
+# Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton).
+_TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
+               "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
+
+
+def _autotune(tiles: list[tuple[int, int, int, int, int]]):
+    """triton.autotune over the tiles that fit each call: no longer than the sequences
+    (decoding gets 16-row tiles) and wide enough for the head dims. The interpreter runs
+    a single 16 x 16 tile."""
+    if INTERPRETING:
+        return triton.autotune(
+            configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)],
+            key=[])
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s, _ in tiles]
+    widest = {id(config): tile[4] for config, tile in zip(configs, tiles, strict=True)}
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        max_m, max_n = max(16, args["L_BUCKET"]), max(16, args["S_BUCKET"])
+        # fp32 IEEE dot products run on the FMA units with operands in registers: 4x wider.
+        head = max(args["BLOCK_D"], args["BLOCK_DV"]) * (4 if args["Q"].element_size() == 4 else 1)
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m
+                and c.kwargs["BLOCK_N"] <= max_n and widest[id(c)] >= head]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return triton.autotune(configs=configs, key=_TUNING_KEY,
+                           prune_configs_by={"early_config_prune": prune})
+
+
+# ----------------------------------------------------------------------------------------
+# Device functions shared by the kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_bounds(start, last, n, c_lo, c_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Partner blocks of the own positions [start, last]: partner p is visible to own x iff
+    x + c_lo <= p (when HAS_LO), p <= x + c_hi (when HAS_HI) and 0 <= p < n. Returns block
+    starts a <= b <= c <= d: [a, b) and [c, d) need the band and bounds masks; every block
+    of [b, c) is visible to every own position."""
+    lo = 0
+    full_lo = 0
+    hi = n
+    full_hi = n
+    if HAS_LO:
+        lo = tl.minimum(tl.maximum(start + c_lo, 0), n)
+        full_lo = tl.minimum(tl.maximum(last + c_lo, 0), n)
+    if HAS_HI:
+        hi = tl.minimum(tl.maximum(last + c_hi + 1, 0), n)
+        full_hi = tl.minimum(tl.maximum(start + c_hi + 1, 0), n)
+    a = lo // BLOCK * BLOCK
+    d = tl.cdiv(hi, BLOCK) * BLOCK
+    b = tl.minimum(tl.maximum(a, tl.cdiv(full_lo, BLOCK) * BLOCK), d)
+    c = tl.minimum(tl.maximum(b, full_hi // BLOCK * BLOCK), d)
+    return a, b, c, d
+
+
+@triton.jit
+def _scores(
+    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, diagonal_offset,
+    window_left, window_right, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
+):
+    """Masked scores of a tile in base 2, log2(e) * s. i and j are the query and key
+    positions, broadcastable to the tile ([BM, 1] and [1, BN], or transposed). EDGE applies
+    the band and the bounds of both sequences."""
+    s = qk * qk_scale
+    if HAS_MASK:
+        offsets = mask_offset + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
+        mask = tl.load(MASK + offsets, mask=(i < L) & (j < S), other=0)
+        if MASK_IS_BOOL:
+            s = tl.where(mask != 0, s, float("-inf"))
+        else:
+            bias = mask.to(tl.float32)
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias * LOG2E, -FLOAT32_MAX))
+            s = s + bias
+    if EDGE:
+        visible = (i < L) & (j < S)
+        if BAND_LEFT:
+            visible = visible & (j >= i + (diagonal_offset - window_left))
+        if BAND_RIGHT:
+            visible = visible & (j <= i + (diagonal_offset + window_right))
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, i, j, S, dropout_p):
+    """z_ij = rand >= p for a tile; rng_offset = (b * Hq + h) * L * S (int64)."""
+    return tl.rand(seed, rng_offset + i.to(tl.int64) * S + j) >= dropout_p
+
+
+@triton.jit
+def _load_lse2(LSE, rows, L, FLOAT_MASK: tl.constexpr):
+    """lse in base 2 for the rows; +inf for fully masked and out-of-range rows so that
+    exp2(s - lse2) is 0 there, never NaN."""
+    lse = tl.load(LSE + rows, mask=rows < L, other=float("-inf"))
+    lse2 = lse * LOG2E
+    if FLOAT_MASK:
+        lse2 = tl.maximum(lse2, -FLOAT32_MAX)  # rows of finfo.min scores: -inf - -inf is NaN
+    return tl.where(lse == float("-inf"), float("inf"), lse2)
+
+
+@triton.jit
+def _load_rows(BASE, rows, n, stride, cols, width):
+    """A [rows, cols] tile of a (n, width) matrix with unit column stride, zeros outside."""
+    ptrs = BASE + rows[:, None].to(tl.int64) * stride + cols[None, :]
+    return tl.load(ptrs, mask=(rows < n)[:, None] & (cols < width)[None, :], other=0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------
+
+
+@_autotune(_FWD_TILES)
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # [B, Hq, L, D] queries, unit column stride
+    K,  # [B, Hkv, S, D] keys, unit column stride
+    V,  # [B, Hkv, S, DV] values, unit column stride
+    MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
+    SEED,  # [1] int64 Philox seed (unused without HAS_DROPOUT)
+    OUT,  # [B, Hq, L, DV] output, contiguous, q's dtype
+    LSE,  # [B, Hq, L] float32 log-sum-exp of the scores (natural log), contiguous
+    stride_qb, stride_qh, stride_qm,  # strides of Q in elements (batch, head, row)
+    stride_kb, stride_kh, stride_kn,  # strides of K
+    stride_vb, stride_vh, stride_vn,  # strides of V
+    stride_mb, stride_mh, stride_mm, stride_mn,  # strides of MASK, 0 where broadcast
+    H,  # query heads Hq
+    GROUP,  # query heads per kv head, Hq // Hkv
+    L,  # query length
+    S,  # key length
+    D,  # head dim of q and k
+    DV,  # head dim of v
+    scale,  # softmax scale of q . k
+    diagonal_offset,  # band centre: key i + diagonal_offset for query i
+    window_left,  # keys visible left of the centre (used when BAND_LEFT)
+    window_right,  # keys visible right of the centre (used when BAND_RIGHT)
+    dropout_p,  # probability of dropping an attention probability
+    L_BUCKET,  # next power of two of L: autotuning key only
+    S_BUCKET,  # next power of two of S: autotuning key only
+    HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
+    HAS_DROPOUT: tl.constexpr,
+    BAND_LEFT: tl.constexpr,  # window_left >= 0
+    BAND_RIGHT: tl.constexpr,  # window_right >= 0
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    BLOCK_D: tl.constexpr,  # D padded to a power of two
+    BLOCK_DV: tl.constexpr,  # DV padded to a power of two
+):
+    num_m_blocks = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M  # longest causal rows first
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv_h = h // GROUP
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, L, stride_qm, cols_d, D)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    mask_offset = b * stride_mb + h * stride_mh
+    rng_offset = bh.to(tl.int64) * L * S
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
+    qk_scale = scale * LOG2E
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base 2
+    l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    last_m = tl.minimum(start_m + BLOCK_M, L) - 1
+    n0, n1, n2, n3 = _block_bounds(start_m, last_m, S, diagonal_offset - window_left,
+                                   diagonal_offset + window_right, BAND_LEFT, BAND_RIGHT, BLOCK_N)
+    for phase in tl.static_range(3):  # edge blocks, inner blocks, edge blocks
+        if phase == 0:
+            lo, hi = n0, n1
+        elif phase == 1:
+            lo, hi = n1, n2
+        else:
+            lo, hi = n2, n3
+        for start_n in range(lo, hi, BLOCK_N):
+            keys = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, keys, S, stride_kn, cols_d, D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = _scores(qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn,
+                        L, S, qk_scale, diagonal_offset, window_left, window_right, HAS_MASK,
+                        MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, phase != 1)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, rng_offset, rows[:, None], keys[None, :], S, dropout_p)
+                p = tl.where(keep, p, 0.0)
+            v = _load_rows(v_base, keys, S, stride_vn, cols_dv, DV)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # l_i >= 1 unless every key is masked
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    out_rows = bh.to(tl.int64) * L + rows
+    tl.store(OUT + out_rows[:, None] * DV + cols_dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=(rows < L)[:, None] & (cols_dv < DV)[None, :])
+    tl.store(LSE + out_rows, lse, mask=rows < L)
+
+
+class AttentionForward(NamedTuple):
+    out: torch.Tensor  # (B, Hq, L, Dv) in q's dtype
+    lse: torch.Tensor  # (B, Hq, L) float32; -inf for a row whose keys are all masked
+
+
+class _Problem(NamedTuple):
+    batch: int
+    heads: int  # query heads Hq
+    kv_heads: int
+    length: int  # L
+    source: int  # S
+    head_dim: int  # D
+    value_dim: int  # Dv
+
+
+def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           seed: torch.Tensor | None, dropout_p: float) -> _Problem:
+    """Shapes, dtypes and strides the kernels rely on; a ValueError naming the culprit."""
+    require_unit_column_stride(op, q=q, k=k, v=v)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: q, k, v must be 4-D (B, H, L, D), got {q.dim()}, {k.dim()}, "
+                         f"{v.dim()} dimensions")
+    batch, heads, length, head_dim = q.shape
+    _, kv_heads, source, value_dim = v.shape
+    if k.shape != (batch, kv_heads, source, head_dim) or v.shape[0] != batch:
+        raise ValueError(f"{op}: inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{op}: query heads ({heads}) must be a multiple of kv heads "
+                         f"({kv_heads})")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{op}: q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    for name, dim in (("D", head_dim), ("Dv", value_dim)):
+        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{op}: head dim {name} = {dim} outside [{MIN_HEAD_DIM}, "
+                             f"{MAX_HEAD_DIM}]")
+    if mask is not None:
+        if tuple(mask.shape) != (batch, heads, length, source):
+            raise ValueError(f"{op}: mask must be broadcast to {(batch, heads, length, source)}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise ValueError(f"{op}: mask must be bool or floating point, got {mask.dtype}")
+    if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
+        raise ValueError(f"{op}: dropout needs a 1-element int64 seed tensor")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    return _Problem(batch, heads, kv_heads, length, source, head_dim, value_dim)
+
+
+def _features(problem: _Problem, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
+              window_left: int, window_right: int) -> dict:
+    """The constexpr flags and keys shared by every kernel launch of a call."""
+    return dict(
+        L_BUCKET=next_power_of_2(problem.length),
+        S_BUCKET=next_power_of_2(problem.source),
+        HAS_MASK=mask is not None,
+        MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
+        HAS_DROPOUT=dropout_p > 0.0,
+        BAND_LEFT=window_left >= 0,
+        BAND_RIGHT=window_right >= 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_D=max(MIN_HEAD_DIM, next_power_of_2(problem.head_dim)),
+        BLOCK_DV=max(MIN_HEAD_DIM, next_power_of_2(problem.value_dim)),
+    )
+
+
+def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """The mask as the kernels read it (bool reinterpreted as uint8, no copy) and its strides."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), mask.stride()
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    diagonal_offset: int,
+    window_left: int,
+    window_right: int,
+) -> AttentionForward:
+    """Launch the forward kernel; see the module docstring for the maths. The arguments are
+    those of the op fastformer::attention_fwd, in its order."""
+    problem = _check("attention_fwd", q, k, v, mask, seed, dropout_p)
+    batch, heads, length = problem.batch, problem.heads, problem.length
+    value_dim = problem.value_dim
+    out = empty((batch, heads, length, value_dim), q.dtype, q.device)
+    lse = empty((batch, heads, length), torch.float32, q.device)
+    if out.numel() == 0:
+        return AttentionForward(out, lse)
+    mask_arg, mask_strides = _mask_args(mask)
+    has_dropout = dropout_p > 0.0
+
+    def grid(meta):
+        return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
+
+    _attention_fwd_kernel[grid](
+        q, k, v, mask_arg, seed if has_dropout else None, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
+        heads, heads // problem.kv_heads, length, problem.source, problem.head_dim, value_dim,
+        scale, diagonal_offset, window_left, window_right, dropout_p,
+        **_features(problem, q, mask, dropout_p, window_left, window_right),
+    )
+    return AttentionForward(out, lse)

@@ -1,0 +1,348 @@
+"""fastformer.scaled_dot_product_attention and flash_attn_func against fastformer/reference.py
+(the Triton kernels: through the interpreter on CPU, natively on a GPU), and the SDPA
+semantics checked against torch's own function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer
+from fastformer import backend, reference
+from tests.conftest import HAS_CUDA
+from tests.tolerance import assert_all_close_to_reference
+
+# (device, dtype, atol) for the Triton kernels; bfloat16 only on a GPU (the interpreter
+# mishandles it).
+KERNEL_CASES = [
+    pytest.param("cpu", torch.float32, 1e-5, id="interpreter-float32"),
+    pytest.param("cpu", torch.float16, 1e-3, id="interpreter-float16"),
+]
+if HAS_CUDA:
+    KERNEL_CASES = [
+        pytest.param("cuda", dtype, atol, id=f"cuda-{str(dtype)[6:]}")
+        for dtype, atol in ((torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2))
+    ]
+
+
+@pytest.fixture
+def kernels(device):
+    """Run the Triton kernels for the test's device (the interpreter for CPU tensors)."""
+    if device == "cpu" and not backend.triton_interpreter_enabled():
+        pytest.skip("needs the Triton interpreter")
+    with fastformer.triton_on_cpu(device == "cpu"):
+        yield
+
+
+def _randn(*shape, dtype, device, generator):
+    return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def _grads(fn, tensors: dict, grad_out: torch.Tensor, **kwargs) -> dict:
+    leaves = {
+        k: v.detach().clone().requires_grad_(k in ("q", "k", "v")) if v is not None else None
+        for k, v in tensors.items()
+    }
+    out = fn(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        **{**kwargs, **({"attn_mask": leaves["mask"]} if "mask" in leaves else {})},
+    )
+    out.backward(grad_out.to(out.dtype))
+    return {"out": out.detach(), **{f"grad_{k}": leaves[k].grad for k in ("q", "k", "v")}}
+
+
+def _check(tensors: dict, atol: float, **kwargs) -> None:
+    generator = torch.Generator().manual_seed(1)
+    q, v = tensors["q"], tensors["v"]
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=generator).to(q.device)
+    fast = _grads(fastformer.scaled_dot_product_attention, tensors, grad_out, **kwargs)
+    same = _grads(reference.scaled_dot_product_attention, tensors, grad_out, **kwargs)
+    as64 = {
+        k: None if t is None else (t.double() if t.is_floating_point() else t)
+        for k, t in tensors.items()
+    }
+    ref64 = _grads(reference.scaled_dot_product_attention, as64, grad_out, **kwargs)
+    assert_all_close_to_reference(fast, same, ref64, atol)
+
+
+MASKS = ["none", "causal", "bool", "float", "key_padding", "broadcast_heads"]
+
+
+def _mask(kind, batch, heads, length, source, *, device, dtype, generator):
+    if kind == "bool":
+        keep = torch.rand(length, source, generator=generator) > 0.3
+        return keep.to(device)
+    if kind == "float":
+        return _randn(batch, heads, length, source, dtype=dtype, device=device, generator=generator)
+    if kind == "key_padding":  # (B, 1, 1, S): the last keys of each batch padded away
+        keep = torch.ones(batch, 1, 1, source, dtype=torch.bool)
+        keep[0, ..., source // 2 :] = False
+        return keep.to(device)
+    if kind == "broadcast_heads":  # (1, H, L, S) float with -inf holes
+        mask = _randn(1, heads, length, source, dtype=dtype, device=device, generator=generator)
+        return mask.masked_fill(
+            torch.rand(mask.shape, generator=generator).to(device) < 0.2, float("-inf")
+        )
+    return None
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("lengths", [(1, 17), (17, 17), (37, 70), (70, 37)], ids=str)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("head_dims", [(16, 16), (40, 24)], ids=["d16", "d40-dv24"])
+def test_matches_reference(kernels, device, dtype, atol, mask_kind, lengths, heads, head_dims):
+    generator = torch.Generator().manual_seed(hash((mask_kind, lengths, heads, head_dims)) % 2**31)
+    (length, source), (q_heads, kv_heads), (dim, value_dim) = lengths, heads, head_dims
+    batch = 2
+    tensors = {
+        "q": _randn(batch, q_heads, length, dim, dtype=dtype, device=device, generator=generator),
+        "k": _randn(batch, kv_heads, source, dim, dtype=dtype, device=device, generator=generator),
+        "v": _randn(
+            batch, kv_heads, source, value_dim, dtype=dtype, device=device, generator=generator
+        ),
+    }
+    mask = _mask(
+        mask_kind, batch, q_heads, length, source, device=device, dtype=dtype, generator=generator
+    )
+    if mask is not None:
+        tensors["mask"] = mask
+    _check(tensors, atol, is_causal=mask_kind == "causal", enable_gqa=q_heads != kv_heads)
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+def test_fully_masked_rows_give_zeros_and_finite_grads(kernels, device, dtype, atol):
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (
+        _randn(1, 2, n, 32, dtype=dtype, device=device, generator=generator) for n in (5, 9, 9)
+    )
+    keep = torch.rand(5, 9, generator=generator).to(device) > 0.5
+    keep[1] = False  # query 1 sees no key
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = fastformer.scaled_dot_product_attention(*leaves, attn_mask=keep)
+    out.sum().backward()
+    assert torch.all(out[:, :, 1] == 0)
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.all(q.grad[:, :, 1] == 0)
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize(
+    "window, causal", [((-1, -1), True), ((3, 0), True), ((2, 5), False), ((-1, 4), False)]
+)
+@pytest.mark.parametrize("lengths", [(9, 23), (23, 9), (16, 16)], ids=str)
+def test_flash_attn_func_band_and_lse(kernels, device, dtype, atol, window, causal, lengths):
+    """Bottom-right causal and sliding windows, against the reference with the band as an
+    explicit mask; the log-sum-exp against float64."""
+    generator = torch.Generator().manual_seed(3)
+    length, source = lengths
+    q = _randn(2, length, 4, 32, dtype=dtype, device=device, generator=generator)
+    k = _randn(2, source, 2, 32, dtype=dtype, device=device, generator=generator)
+    v = _randn(2, source, 2, 32, dtype=dtype, device=device, generator=generator)
+    out, lse = fastformer.flash_attn_func(
+        q, k, v, causal=causal, window_size=window, return_lse=True
+    )
+    rows = torch.arange(length)[:, None] + source - length
+    cols = torch.arange(source)[None, :]
+    left, right = window[0], 0 if causal else window[1]
+    visible = torch.ones(length, source, dtype=torch.bool)
+    if left >= 0:
+        visible &= cols >= rows - left
+    if right >= 0:
+        visible &= cols <= rows + right
+    visible = visible.to(device)
+    q64, k64, v64 = (t.transpose(1, 2).double() for t in (q, k, v))
+    expected = reference.scaled_dot_product_attention(
+        q64, k64, v64, attn_mask=visible, enable_gqa=True
+    )
+    same = reference.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=visible, enable_gqa=True
+    )
+    assert_all_close_to_reference(
+        {"out": out.transpose(1, 2)}, {"out": same}, {"out": expected}, atol
+    )
+    scores = (q64 @ k64.repeat_interleave(2, dim=1).transpose(-2, -1)) / 32**0.5
+    expected_lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    finite = torch.isfinite(expected_lse)
+    torch.testing.assert_close(
+        lse[finite].double(),
+        expected_lse[finite],
+        rtol=0,
+        atol=1e-4 if dtype == torch.float32 else 2e-2,
+    )
+    assert torch.all(lse[~finite] == float("-inf"))
+
+
+def _dropout_keep(device, dtype, p, seed, length=7, source=48):
+    """The keep-mask the kernel draws, read off through a one-hot value matrix: with q = 0
+    every probability is 1 / S, so out[i, j] = keep[i, j] / ((1 - p) * S)."""
+    q = torch.zeros(1, 1, length, 16, device=device, dtype=dtype)
+    k = torch.randn(1, 1, source, 16, device=device, dtype=dtype)
+    v = torch.eye(source, device=device, dtype=dtype)[None, None]
+    torch.manual_seed(seed)
+    out = fastformer.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    return out[0, 0].float() * (1 - p) * source > 0.5
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+def test_dropout_statistics_seeding_and_gradients(kernels, device, dtype, atol):
+    p = 0.3
+    keeps = [_dropout_keep(device, dtype, p, seed, length=64, source=128) for seed in (1, 1, 2)]
+    kept = keeps[0].float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01 * 8, f"kept fraction {kept:.3f}"  # 8k draws: +-0.04
+    assert torch.equal(keeps[0], keeps[1]) and not torch.equal(keeps[0], keeps[2])
+    # Gradients consistent with the mask: the reference given the same mask agrees.
+    generator = torch.Generator().manual_seed(4)
+    length, source = 7, 48
+    tensors = {
+        "q": _randn(1, 1, length, 16, dtype=dtype, device=device, generator=generator),
+        "k": _randn(1, 1, source, 16, dtype=dtype, device=device, generator=generator),
+        "v": _randn(1, 1, source, 16, dtype=dtype, device=device, generator=generator),
+    }
+    keep = _dropout_keep(device, dtype, p, seed=9)
+    grad_out = torch.randn(1, 1, length, 16, generator=generator).to(device)
+    torch.manual_seed(9)
+    fast = _grads(fastformer.scaled_dot_product_attention, tensors, grad_out, dropout_p=p)
+    same = _grads(
+        reference.scaled_dot_product_attention, tensors, grad_out, dropout_p=p, dropout_mask=keep
+    )
+    ref64 = _grads(
+        reference.scaled_dot_product_attention,
+        {k: t.double() for k, t in tensors.items()},
+        grad_out,
+        dropout_p=p,
+        dropout_mask=keep,
+    )
+    assert_all_close_to_reference(fast, same, ref64, atol)
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 160, 192, 256])
+def test_head_dims(kernels, device, dtype, atol, head_dim):
+    generator = torch.Generator().manual_seed(head_dim)
+    tensors = {
+        name: _randn(1, 2, n, head_dim, dtype=dtype, device=device, generator=generator)
+        for name, n in (("q", 19), ("k", 33), ("v", 33))
+    }
+    _check(tensors, atol, is_causal=True)
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+def test_torch_compile_fullgraph(kernels, device, dtype, atol):
+    torch._dynamo.reset()
+
+    def attend(q, k, v):
+        return fastformer.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+
+    generator = torch.Generator().manual_seed(5)
+    inputs = [
+        _randn(2, 2, 17, 32, dtype=dtype, device=device, generator=generator) for _ in range(3)
+    ]
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in leaves)])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES[:1])
+def test_patch_sdpa_reaches_torch_nn_modules(kernels, device, dtype, atol):
+    torch.manual_seed(6)
+    layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True).to(device)
+    attention = torch.nn.MultiheadAttention(64, 4, batch_first=True).to(device)  # head dim 16
+    x = torch.randn(3, 11, 32, device=device)
+    padding = torch.zeros(3, 11, dtype=torch.bool, device=device)
+    padding[0, 7:] = True
+    expected_layer = layer(x, src_key_padding_mask=padding)
+    wide = torch.randn(3, 11, 64, device=device)
+    expected_attention, _ = attention(wide, wide, wide, need_weights=False)
+    calls = fastformer.info()["fallback_calls"].get("scaled_dot_product_attention", 0)
+    with fastformer.patch_sdpa():
+        assert F.scaled_dot_product_attention is fastformer.scaled_dot_product_attention
+        patched_layer = layer(x, src_key_padding_mask=padding)
+        patched_attention, _ = attention(wide, wide, wide, need_weights=False)
+    assert F.scaled_dot_product_attention is fastformer.ops.attention.torch_sdpa
+    torch.testing.assert_close(patched_layer, expected_layer, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(patched_attention, expected_attention, rtol=1e-4, atol=1e-5)
+    # The kernels took the calls (none fell back), on whatever implementation info names.
+    assert fastformer.info()["fallback_calls"].get("scaled_dot_product_attention", 0) == calls
+
+
+def test_patch_and_unpatch_compose():
+    torch_function = F.scaled_dot_product_attention
+    fastformer.patch_sdpa()
+    try:
+        with fastformer.patch_sdpa():
+            assert F.scaled_dot_product_attention is fastformer.scaled_dot_product_attention
+        assert F.scaled_dot_product_attention is fastformer.scaled_dot_product_attention
+    finally:
+        fastformer.unpatch_sdpa()
+    assert F.scaled_dot_product_attention is torch_function
+
+
+def test_cpu_runs_torchs_fused_kernel_with_the_same_results():
+    """Without the interpreter switch, CPU tensors run PyTorch's own kernel: reported by
+    info() and not counted as a fallback."""
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 8)
+    calls = dict(fastformer.info()["fallback_calls"])
+    out = fastformer.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.5)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.5)
+    )
+    assert fastformer.info()["fallback_calls"] == calls
+    implementation = fastformer.info()["ops"]["scaled_dot_product_attention"]["cpu"]["float32"]
+    assert implementation == "torch (fused CPU kernel)"
+
+
+BAD_INPUTS = [
+    ({"query": torch.ones(4)}, ValueError, "query must have at least 2 dimensions"),
+    ({"key": torch.ones(2, 3, 5, 7)}, ValueError, "key's last dimension must equal query's"),
+    ({"value": torch.ones(2, 3, 6, 8)}, ValueError, "key and value must have the same length"),
+    (
+        {"key": torch.ones(2, 2, 5, 8), "value": torch.ones(2, 2, 5, 8)},
+        ValueError,
+        "pass enable_gqa=True",
+    ),
+    ({"value": torch.ones(2, 3, 5, 8, dtype=torch.int64)}, TypeError, "value must have dtype"),
+    ({"attn_mask": torch.ones(3, 5, dtype=torch.bool)}, ValueError, "does not broadcast"),
+    ({"attn_mask": torch.ones(4, 5, dtype=torch.int32)}, TypeError, "attn_mask must have dtype"),
+    (
+        {"attn_mask": torch.ones(4, 5, dtype=torch.bool).expand(4, 5)[:, :5], "is_causal": True},
+        ValueError,
+        "not both",
+    ),
+    ({"dropout_p": 1.5}, ValueError, r"dropout_p must be in \[0, 1\)"),
+    ({"key": torch.ones(2, 3, 5, 8, device="meta")}, ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    BAD_INPUTS,
+    ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(BAD_INPUTS)],
+)
+def test_bad_input_names_the_argument(change, error, message):
+    arguments = {
+        "query": torch.ones(2, 3, 4, 8),
+        "key": torch.ones(2, 3, 5, 8),
+        "value": torch.ones(2, 3, 5, 8),
+    }
+    arguments.update(change)
+    with pytest.raises(error, match=message):
+        fastformer.scaled_dot_product_attention(**arguments)
+
+
+def test_flash_attn_func_bad_input():
+    q = torch.ones(2, 4, 3, 8)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        fastformer.flash_attn_func(q[0], q, q)
+    with pytest.raises(ValueError, match="window_size must be"):
+        fastformer.flash_attn_func(q, q, q, window_size=(-2, 0))
+    with pytest.raises(ValueError, match="head count dividing"):
+        fastformer.flash_attn_func(q, torch.ones(2, 4, 2, 8), torch.ones(2, 4, 2, 8))
