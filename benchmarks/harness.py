@@ -31,7 +31,7 @@ import torch
 
 from .device import DeviceInfo, Skip, one_line
 
-Mode = Literal["fwd", "fwd+bwd"]
+Mode = Literal["fwd", "bwd", "fwd+bwd"]
 Status = Literal["ok", "skipped", "failed"]
 T = TypeVar("T")
 

@@ -38,6 +38,7 @@ from .harness import (
 # Suite name (the op's name) -> module of this package holding SUITE.
 SUITES: dict[str, str] = {
     "layer_norm_residual": ".bench_layer_norm_residual",
+    "attention": ".bench_attention",
 }
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # CPU timings are pinned to this many threads (FASTFORMER_BENCH_THREADS overrides), so that

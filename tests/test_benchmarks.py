@@ -3,6 +3,7 @@ as skipped, and the JSON, CSV and plot are written. Timings are not asserted."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -10,13 +11,14 @@ import pytest
 from tests.conftest import requires_extension
 
 
-@requires_extension
-def test_layer_norm_suite_runs_end_to_end(tmp_path, monkeypatch):
-    from fastformer_benchmarks import bench_layer_norm_residual as suite
+@pytest.fixture
+def quick_run(tmp_path, monkeypatch):
+    """run() of the named suite with tiny budgets and fixed device peaks, into tmp_path;
+    returns the JSON document and the suite's results."""
     from fastformer_benchmarks import harness, run, runner
 
-    monkeypatch.setattr(suite, "CPU_SHAPES", (64, (48, 96)))
-    monkeypatch.setattr(runner, "BUDGET_S", {False: 0.05, True: 0.05})
+    monkeypatch.setattr(runner, "BUDGET_S", {False: 0.02, True: 0.02})
+    monkeypatch.setattr(harness, "WARMUP_S", 0.01)
     monkeypatch.setattr(
         harness,
         "_measure_peaks",
@@ -30,10 +32,28 @@ def test_layer_norm_suite_runs_end_to_end(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(harness, "_PEAKS", {})
 
-    document = run(["layer_norm_residual"], None, tmp_path, False, device="cpu", threads=1)
+    def quick(suite: str) -> tuple[dict, list[dict]]:
+        # The harness collects garbage around every measurement; with torch and pytest
+        # loaded each collection takes ~0.1 s. Frozen objects are skipped, keeping this short.
+        gc.freeze()
+        try:
+            document = run([suite], None, tmp_path, False, device="cpu", threads=1)
+        finally:
+            gc.unfreeze()
+        written = json.loads((tmp_path / f"{document['device']['slug']}.json").read_text())
+        assert any(path.endswith(".csv") for path in document["files"])
+        assert any(path.endswith(".png") for path in document["files"])
+        return written, written["suites"][suite]["results"]
 
-    written = json.loads((tmp_path / f"{document['device']['slug']}.json").read_text())
-    results = written["suites"]["layer_norm_residual"]["results"]
+    return quick
+
+
+@requires_extension
+def test_layer_norm_suite_runs_end_to_end(quick_run, monkeypatch):
+    from fastformer_benchmarks import bench_layer_norm_residual as suite
+
+    monkeypatch.setattr(suite, "CPU_SHAPES", (64, (48, 96)))
+    _, results = quick_run("layer_norm_residual")
     assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
         (f"64x{h}", mode) for h in (48, 96) for mode in ("fwd", "fwd+bwd")
     }
@@ -43,8 +63,6 @@ def test_layer_norm_suite_runs_end_to_end(tmp_path, monkeypatch):
             assert by_provider[provider]["status"] == "ok"
             assert by_provider[provider]["timing"]["median_ms"] > 0
         assert by_provider["liger"]["status"].startswith("skipped")
-    assert any(path.endswith(".csv") for path in document["files"])
-    assert any(path.endswith(".png") for path in document["files"])
 
 
 def test_unknown_suite_is_named():
@@ -52,3 +70,39 @@ def test_unknown_suite_is_named():
 
     with pytest.raises(ValueError, match="unknown benchmark suite 'nope'"):
         load_suite("nope")
+
+
+@requires_extension
+def test_attention_suite_runs_end_to_end(quick_run, monkeypatch):
+    from fastformer_benchmarks import bench_attention as suite
+
+    monkeypatch.setattr(suite, "CPU_SHAPES", suite.Shapes(64, 64, (32,), (16, 32)))
+    # seqlen 32 stands for the long sequences where the O(L^2) providers are skipped.
+    monkeypatch.setattr(suite, "QUADRATIC_MAX_SEQLEN", 16)
+    written, results = quick_run("attention")
+    assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
+        (f"{64 // seqlen}x2x{seqlen}x32{causal}", mode)
+        for seqlen in (16, 32)
+        for causal in ("", " causal")
+        for mode in ("fwd", "bwd", "fwd+bwd")
+    }
+    flops = {(r["case"]["name"], r["case"]["mode"]): r["case"]["flops"] for r in results}
+    assert flops["4x2x16x32", "fwd"] == 4 * 4 * 2 * 16 * 16 * 32
+    assert flops["4x2x16x32 causal", "fwd"] * 2 == flops["4x2x16x32", "fwd"]
+    assert flops["4x2x16x32", "fwd+bwd"] * 2 == flops["4x2x16x32", "fwd"] * 7
+    for result in results:
+        by_provider = {m["provider"]: m for m in result["measurements"]}
+        long = result["case"]["params"]["seqlen"] > 16
+        for provider in ("fastformer", "sdpa", "eager"):
+            if provider == "eager" and long:
+                assert by_provider[provider]["status"] == "skipped"
+                assert "O(L^2) memory" in by_provider[provider]["reason"]
+                continue
+            assert by_provider[provider]["status"] == "ok"
+            assert by_provider[provider]["timing"]["median_ms"] > 0
+            assert by_provider[provider]["unit"] == "TFLOP/s"
+        for provider in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "flash_attn"):
+            assert by_provider[provider]["status"] == "skipped"
+            assert by_provider[provider]["reason"]
+        assert {m["status"] for m in by_provider.values()} <= {"ok", "skipped"}
+    assert written["suites"]["attention"]["targets"] == []
