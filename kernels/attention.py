@@ -101,6 +101,20 @@ def _autotune(tiles: list[tuple[int, int, int, int, int]]):
 
 
 @triton.jit
+def _program_block(n, heads, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """This program's (batch * heads + head, batch, head, first position) in a grid of
+    cdiv(n, BLOCK) blocks for every (batch, head). REVERSE hands out the last blocks first:
+    under a causal band they have the most work, so they should not start last."""
+    blocks = tl.cdiv(n, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // blocks
+    block = pid % blocks
+    if REVERSE:
+        block = blocks - 1 - block
+    return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), block * BLOCK
+
+
+@triton.jit
 def _block_bounds(start, last, n, c_lo, c_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                   BLOCK: tl.constexpr):
     """Partner blocks of the own positions [start, last]: partner p is visible to own x iff
@@ -220,12 +234,7 @@ def _attention_fwd_kernel(
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    num_m_blocks = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M  # longest causal rows first
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h, start_m = _program_block(L, H, BLOCK_M, True)
     kv_h = h // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)

@@ -44,6 +44,7 @@ from .attention import (
     _load_lse2,
     _load_rows,
     _mask_args,
+    _program_block,
     _scores,
 )
 
@@ -61,12 +62,8 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    num_m_blocks = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, start_m = _program_block(L, H, BLOCK_M, False)
+    rows = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_DV)
     out = _load_rows(OUT + b * stride_ob + h * stride_oh, rows, L, stride_om, cols, DV)
     grad_out = _load_rows(GRAD_OUT + b * stride_gb + h * stride_gh, rows, L, stride_gm, cols, DV)
@@ -116,13 +113,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    num_n_blocks = tl.cdiv(S, BLOCK_N)
-    pid = tl.program_id(0)
-    bhk = pid // num_n_blocks  # batch * Hkv + kv head
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    kv_heads = H // GROUP
-    b = (bhk // kv_heads).to(tl.int64)
-    kv_h = (bhk % kv_heads).to(tl.int64)
+    bhk, b, kv_h, start_n = _program_block(S, H // GROUP, BLOCK_N, False)  # bhk: b * Hkv + kv_h
     keys = start_n + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
     cols_dv = tl.arange(0, BLOCK_DV)
@@ -227,12 +218,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    num_m_blocks = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M  # longest causal rows first
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h, start_m = _program_block(L, H, BLOCK_M, True)
     kv_h = h // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
