@@ -29,6 +29,28 @@ TORCH_LIBRARY(fastformer, m) {
       "ScalarType x_dtype, ScalarType? residual_dtype, bool store_grad_residual) "
       "-> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 
+  // Fused feed-forward, forward, on 2-D rows x (M, K); x, w1, b1, w2, b2 of one dtype:
+  //   pre    = x @ w1.T + b1                               (M, H1), w1 (H1, K), b1 (H1,)
+  //   hidden = dropout(act(pre))                           (M, H),  H1 = H
+  //            dropout(act(pre[:, :H]) * pre[:, H:])       gated ("swiglu", "geglu"): H1 = 2H
+  //   out    = hidden @ w2.T + b2                          (M, N),  w2 (N, H), b2 (N,)
+  // act: "relu", "gelu" (exact, erf), "gelu_tanh", "silu"; "swiglu" = silu(gate) * up,
+  // "geglu" = gelu(gate) * up (exact). Elementwise maths in float32 (float64 for float64).
+  // Dropout (dropout_p > 0; seed: int64 tensor of one element on x's device) keeps hidden
+  // element (i, j) iff philox_uniform(seed, i * H + j) >= dropout_p (philox.h) and scales it by
+  // 1 / (1 - dropout_p). preact is pre in x's dtype when save_preact, else empty; for "relu"
+  // it may hold relu(pre) instead, which is all the backward needs.
+  m.def(
+      "feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
+      "float dropout_p, Tensor? seed, bool save_preact) -> (Tensor out, Tensor preact)");
+  // Backward of the above. preact: the forward's saved preact, or None to recompute it from
+  // x, w1, b1. Gradients in x's dtype (bias gradients summed in float32, then rounded);
+  // grad_b1 is empty when b1 is None, grad_b2 when has_b2 is false.
+  m.def(
+      "feed_forward_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, "
+      "Tensor? preact, str activation, float dropout_p, Tensor? seed, bool has_b2) "
+      "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
+
   // The cache of freed CPU output blocks (cpu_allocation.h): its state
   // [cached_bytes, cached_blocks, limit_bytes, reuses, fresh], and a call that empties it.
   m.def("cpu_cache_stats() -> int[]", &fastformer::cpu_cache_stats);
