@@ -1,0 +1,371 @@
+// CPU kernels of fastformer::feed_forward_fwd / _bwd (schemas and maths in ops.cpp).
+//
+// The four GEMMs of a step go to ATen (at::mm_out: MKL or oneDNN); everything between them is
+// one parallel, vectorized pass over the (M, H1) pre-activation:
+//   forward:  pre += b1 (rounded to x's dtype, kept for backward), hidden = dropout(act(pre))
+//   backward: from grad_hidden = grad_out @ w2 and pre, with k the dropout multiplier
+//     (keep / (1 - p), regenerated from the seed) and act' the derivative:
+//       plain:  grad_pre = grad_hidden * k * act'(pre)
+//       gated:  grad_gate = grad_hidden * k * up * act'(gate),  grad_up = grad_hidden * k * act(gate)
+//     and hidden = dropout(act(pre)) recomputed for grad_w2 = grad_out.T @ hidden, and
+//     grad_b1 = sum over rows of grad_pre, summed per chunk of rows, then over chunks in order
+//     (deterministic).
+//   Then grad_w1 = grad_pre.T @ x and grad_x = grad_pre @ w1.
+// Saved for backward: x and pre only (eager keeps x, pre, hidden and the dropout mask); with
+// preact = None the backward recomputes pre with one more GEMM.
+//
+// Elementwise maths in float (double for float64); each value is rounded once to x's dtype.
+// Large outputs come from the huge-page allocator (cpu_allocation.h), so that a training loop
+// does not pay a page fault per 4 KiB of every fresh GEMM output.
+#include "cpu_allocation.h"
+#include "cpu_vec.h"
+#include "feed_forward.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fastformer {
+namespace {
+
+using at::ScalarType;
+
+constexpr const char* kOp = "feed_forward";
+constexpr int64_t kGrainElements = 32768;
+
+// ---------------------------------------------------------------------------------------------
+// Activations on vectors of acc_t: the value, and the value with its derivative.
+
+template <ActivationKind A, typename V>
+C10_ALWAYS_INLINE V activation(const V& x) {
+  using acc_t = typename V::value_type;
+  if constexpr (A == ActivationKind::kRelu) {
+    return at::vec::clamp_min(x, V(acc_t(0)));
+  } else if constexpr (A == ActivationKind::kGelu) {
+    // x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2
+    return x * V(acc_t(0.5)) * (V(acc_t(1)) + (x * V(acc_t(M_SQRT1_2))).erf());
+  } else if constexpr (A == ActivationKind::kGeluTanh) {
+    // x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2
+    const V inner = V(acc_t(M_2_SQRTPI * M_SQRT1_2)) * (x + V(acc_t(0.044715)) * x * x * x);
+    return x * V(acc_t(0.5)) * (V(acc_t(1)) + inner.tanh());
+  } else {
+    // x * sigmoid(x)
+    return x / (V(acc_t(1)) + x.neg().exp());
+  }
+}
+
+template <ActivationKind A, typename V>
+C10_ALWAYS_INLINE std::pair<V, V> activation_and_derivative(const V& x) {
+  using acc_t = typename V::value_type;
+  const V one(acc_t(1));
+  const V half(acc_t(0.5));
+  if constexpr (A == ActivationKind::kRelu) {
+    return {at::vec::clamp_min(x, V(acc_t(0))), x.gt(V(acc_t(0)))};
+  } else if constexpr (A == ActivationKind::kGelu) {
+    // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    const V cdf = half * (one + (x * V(acc_t(M_SQRT1_2))).erf());
+    const V pdf = V(acc_t(0.5 * M_2_SQRTPI * M_SQRT1_2)) * (x * x * V(acc_t(-0.5))).exp();
+    return {x * cdf, cdf + x * pdf};
+  } else if constexpr (A == ActivationKind::kGeluTanh) {
+    // t = tanh(u), u = k (x + c x^3): d/dx = (1 + t) / 2 + x (1 - t^2) k (1 + 3 c x^2) / 2
+    const V k(acc_t(M_2_SQRTPI * M_SQRT1_2));
+    const V c(acc_t(0.044715));
+    const V x2 = x * x;
+    const V t = (k * x * (one + c * x2)).tanh();
+    const V du = k * (one + V(acc_t(3)) * c * x2);
+    return {half * x * (one + t), half * (one + t) + half * x * (one - t * t) * du};
+  } else {
+    // s = sigmoid(x): d/dx x s = s (1 + x (1 - s))
+    const V s = one / (one + x.neg().exp());
+    return {x * s, s * (one + x * (one - s))};
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The elementwise passes. pre and hidden are contiguous (M, H1) and (M, H) buffers.
+
+struct Shape {
+  int64_t M;  // rows (tokens)
+  int64_t H;  // hidden features: the width of hidden and of grad_hidden
+  int64_t H1;  // width of pre: H, or 2H for gated activations
+};
+
+int64_t grain_rows(int64_t width) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1));
+}
+
+// pre += b1 (when b1 is given), rounded to T and stored; hidden = dropout(act(pre)) (gated:
+// act(gate) * up). hidden may alias pre for plain activations (each element is read first).
+template <ActivationKind A, bool kGated, typename T>
+void forward_pass(T* pre, const T* b1, T* hidden, const Dropout& dropout, const Shape& s) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  const acc_t scale = static_cast<acc_t>(dropout.scale);
+  at::parallel_for(0, s.M, grain_rows(s.H1), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> keep_scale(dropout.enabled ? s.H : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      T* pre_row = pre + i * s.H1;
+      T* hidden_row = hidden + i * s.H;
+      if (dropout.enabled) {
+        dropout_row_scale(keep_scale.data(), s.H, dropout.seed, i * s.H, dropout.p, scale);
+      }
+      // Loads pre[j] (+ b1[j], stored back rounded to T).
+      const auto pre_at = [&](int64_t j, auto n) {
+        V v = load<acc_t>(pre_row + j, n);
+        return b1 == nullptr ? v : store(pre_row + j, v + load<acc_t>(b1 + j, n), n);
+      };
+      for_each_step<L>(s.H, [&](int64_t j, auto n) {
+        V h = activation<A>(pre_at(j, n));
+        if constexpr (kGated) {
+          h = h * pre_at(s.H + j, n);
+        }
+        if (dropout.enabled) {
+          h = h * load<acc_t>(keep_scale.data() + j, n);
+        }
+        store(hidden_row + j, h, n);
+      });
+    }
+  });
+}
+
+// From grad_hidden (M, H) and pre (M, H1): grad_pre (M, H1), which may alias grad_hidden for
+// plain activations, hidden (M, H) recomputed, and grad_b1 (H1,) when given. add_b1: pre lacks
+// the bias (recomputed as x @ w1.T), so add it, rounded to T as the forward did.
+template <ActivationKind A, bool kGated, typename T>
+void backward_pass(const T* grad_hidden, T* pre, const T* b1, bool add_b1, T* grad_pre,
+                   T* hidden, at::opmath_type<T>* grad_b1, const Dropout& dropout,
+                   const Shape& s) {
+  using acc_t = at::opmath_type<T>;
+  using V = Vec<acc_t>;
+  constexpr int64_t L = V::size();
+  const acc_t scale = static_cast<acc_t>(dropout.scale);
+  const int64_t grain = grain_rows(s.H1);
+  // Fixed chunks of rows, each with its own partial sums of grad_b1.
+  const int64_t num_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (s.M + grain - 1) / grain));
+  std::vector<acc_t> b1_partial(grad_b1 != nullptr ? num_chunks * s.H1 : 0, acc_t(0));
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> keep_scale(dropout.enabled ? s.H : 0);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* db = grad_b1 != nullptr ? b1_partial.data() + chunk * s.H1 : nullptr;
+      for (int64_t i = chunk * s.M / num_chunks; i < (chunk + 1) * s.M / num_chunks; ++i) {
+        T* pre_row = pre + i * s.H1;
+        const T* gh_row = grad_hidden + i * s.H;
+        T* gp_row = grad_pre + i * s.H1;
+        T* hidden_row = hidden + i * s.H;
+        if (dropout.enabled) {
+          dropout_row_scale(keep_scale.data(), s.H, dropout.seed, i * s.H, dropout.p, scale);
+        }
+        const auto pre_at = [&](int64_t j, auto n) {
+          V v = load<acc_t>(pre_row + j, n);
+          return add_b1 ? store(pre_row + j, v + load<acc_t>(b1 + j, n), n) : v;
+        };
+        // Stores a gradient of pre, rounded, and adds the rounded value to the bias sums.
+        const auto store_grad = [&](int64_t j, const V& g, auto n) {
+          const V rounded = store(gp_row + j, g, n);
+          if (db != nullptr) {
+            store(db + j, load<acc_t>(db + j, n) + rounded, n);
+          }
+        };
+        for_each_step<L>(s.H, [&](int64_t j, auto n) {
+          V k = V(acc_t(1));
+          if (dropout.enabled) {
+            k = load<acc_t>(keep_scale.data() + j, n);
+          }
+          const V gh = load<acc_t>(gh_row + j, n) * k;
+          const auto [a, da] = activation_and_derivative<A>(pre_at(j, n));
+          if constexpr (kGated) {
+            const V up = pre_at(s.H + j, n);
+            store(hidden_row + j, a * up * k, n);
+            store_grad(j, gh * up * da, n);
+            store_grad(s.H + j, gh * a, n);
+          } else {
+            store(hidden_row + j, a * k, n);
+            store_grad(j, gh * da, n);
+          }
+        });
+      }
+    }
+  });
+  if (grad_b1 != nullptr) {
+    for (int64_t j = 0; j < s.H1; ++j) {
+      acc_t total = 0;
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        total += b1_partial[chunk * s.H1 + j];
+      }
+      grad_b1[j] = total;
+    }
+  }
+}
+
+// Instantiates a pass for the activation and dtype of a call.
+template <typename F>
+void dispatch_pass(const Activation& act, ScalarType dtype, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, kOp, [&] {
+    dispatch_activation(act.kind, [&](auto kind) {
+      if (act.gated) {
+        f(kind, std::true_type{}, static_cast<scalar_t*>(nullptr));
+      } else {
+        f(kind, std::false_type{}, static_cast<scalar_t*>(nullptr));
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (the Python layer checks first and names the user's arguments; these guard
+// direct calls of the dispatcher op).
+
+void check_matrix(const Tensor& t, ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, kOp, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, " must have x's dtype ", dtype, ", got ",
+              t.scalar_type());
+}
+
+// b1 / b2 as a contiguous (n,) tensor, or nullopt.
+std::optional<Tensor> check_bias(const std::optional<Tensor>& b, int64_t n, ScalarType dtype,
+                                 const char* name) {
+  if (!b.has_value() || !b->defined()) {
+    return std::nullopt;
+  }
+  TORCH_CHECK(b->device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", b->device());
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, kOp, ": ", name, " must have shape [", n,
+              "], got ", b->sizes());
+  TORCH_CHECK(b->scalar_type() == dtype, kOp, ": ", name, " must have x's dtype ", dtype,
+              ", got ", b->scalar_type());
+  return b->contiguous();
+}
+
+// Checks x, w1, w2 against each other; returns the shape and the activation.
+std::pair<Shape, Activation> check_operands(const Tensor& x, const Tensor& w1, const Tensor& w2,
+                                            std::string_view activation_name) {
+  const Activation act = parse_activation(activation_name);
+  const ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Double ||
+                  dtype == ScalarType::BFloat16 || dtype == ScalarType::Half,
+              kOp, ": x must be float32, float64, bfloat16 or float16, got ", dtype);
+  check_matrix(x, dtype, "x");
+  check_matrix(w1, dtype, "w1");
+  check_matrix(w2, dtype, "w2");
+  const int64_t H1 = w1.size(0);
+  TORCH_CHECK(w1.size(1) == x.size(1), kOp, ": w1 must have shape [hidden, ", x.size(1),
+              "] (x's feature size), got ", w1.sizes());
+  TORCH_CHECK(!act.gated || H1 % 2 == 0, kOp, ": a gated activation needs w1 with an even ",
+              "number of rows (gate, then up), got ", w1.sizes());
+  const int64_t H = act.gated ? H1 / 2 : H1;
+  TORCH_CHECK(w2.size(1) == H, kOp, ": w2 must have shape [out_features, ", H, "], got ",
+              w2.sizes());
+  return {Shape{x.size(0), H, H1}, act};
+}
+
+Tensor new_buffer(int64_t rows, int64_t cols, ScalarType dtype) {
+  return empty_cpu_huge_pages({rows, cols}, dtype);
+}
+
+// out = a @ b (+ bias broadcast over rows), into a fresh huge-page buffer.
+Tensor matmul(const Tensor& a, const Tensor& b, const std::optional<Tensor>& bias) {
+  Tensor out = new_buffer(a.size(0), b.size(1), a.scalar_type());
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops
+
+std::tuple<Tensor, Tensor> feed_forward_fwd_cpu(const Tensor& x, const Tensor& w1,
+                                                const std::optional<Tensor>& b1,
+                                                const Tensor& w2,
+                                                const std::optional<Tensor>& b2,
+                                                c10::string_view activation, double dropout_p,
+                                                const std::optional<Tensor>& seed,
+                                                bool save_preact) {
+  const auto [s, act] = check_operands(x, w1, w2, activation);
+  const ScalarType dtype = x.scalar_type();
+  const std::optional<Tensor> bias1 = check_bias(b1, s.H1, dtype, "b1");
+  const std::optional<Tensor> bias2 = check_bias(b2, w2.size(0), dtype, "b2");
+  const Dropout dropout = make_dropout(kOp, seed, dropout_p);
+
+  Tensor pre = matmul(x, w1.t(), std::nullopt);
+  // Plain activations without a saved pre write hidden over pre: one (M, H) buffer fewer.
+  const bool in_place = !act.gated && !save_preact;
+  Tensor hidden = in_place ? pre : new_buffer(s.M, s.H, dtype);
+  dispatch_pass(act, dtype, [&](auto kind, auto gated, auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    forward_pass<decltype(kind)::value, decltype(gated)::value, T>(
+        pre.data_ptr<T>(), bias1.has_value() ? bias1->const_data_ptr<T>() : nullptr,
+        hidden.data_ptr<T>(), dropout, s);
+  });
+  Tensor out = matmul(hidden, w2.t(), bias2);
+  return {out, save_preact ? pre : at::empty({0}, x.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_bwd_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
+    const Tensor& w2, const std::optional<Tensor>& preact, c10::string_view activation,
+    double dropout_p, const std::optional<Tensor>& seed, bool has_b2) {
+  const auto [s, act] = check_operands(x, w1, w2, activation);
+  const ScalarType dtype = x.scalar_type();
+  check_matrix(grad_out, dtype, "grad_out");
+  TORCH_CHECK(grad_out.size(0) == s.M && grad_out.size(1) == w2.size(0), kOp,
+              ": grad_out must have shape [", s.M, ", ", w2.size(0), "], got ", grad_out.sizes());
+  const std::optional<Tensor> bias1 = check_bias(b1, s.H1, dtype, "b1");
+  const Dropout dropout = make_dropout(kOp, seed, dropout_p);
+
+  const bool recompute = !preact.has_value() || !preact->defined();
+  Tensor pre;
+  if (recompute) {
+    pre = matmul(x, w1.t(), std::nullopt);  // the bias is added in the pass
+  } else {
+    check_matrix(*preact, dtype, "preact");
+    TORCH_CHECK(preact->size(0) == s.M && preact->size(1) == s.H1, kOp,
+                ": preact must have shape [", s.M, ", ", s.H1, "], got ", preact->sizes());
+    // The pass writes pre only when adding the bias, which a saved preact already holds.
+    pre = preact->contiguous();
+  }
+  Tensor grad_hidden = matmul(grad_out, w2, std::nullopt);
+  Tensor grad_pre = act.gated ? new_buffer(s.M, s.H1, dtype) : grad_hidden;
+  Tensor hidden = new_buffer(s.M, s.H, dtype);
+  // Bias gradients are summed in the accumulation type (float; double for float64).
+  const ScalarType acc_dtype = dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  Tensor grad_b1_acc = at::empty({bias1.has_value() ? s.H1 : 0}, acc_dtype);
+  dispatch_pass(act, dtype, [&](auto kind, auto gated, auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    backward_pass<decltype(kind)::value, decltype(gated)::value, T>(
+        grad_hidden.const_data_ptr<T>(), pre.data_ptr<T>(),
+        bias1.has_value() ? bias1->const_data_ptr<T>() : nullptr,
+        recompute && bias1.has_value(), grad_pre.data_ptr<T>(), hidden.data_ptr<T>(),
+        bias1.has_value() ? grad_b1_acc.data_ptr<at::opmath_type<T>>() : nullptr, dropout, s);
+  });
+
+  Tensor grad_w2 = matmul(grad_out.t(), hidden, std::nullopt);
+  Tensor grad_b2 = has_b2 ? at::sum(grad_out, {0}, false, acc_dtype).to(dtype)
+                          : at::empty({0}, x.options());
+  Tensor grad_w1 = matmul(grad_pre.t(), x, std::nullopt);
+  Tensor grad_x = matmul(grad_pre, w1, std::nullopt);
+  Tensor grad_b1 = grad_b1_acc.to(dtype);
+  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastformer, CPU, m) {
+  m.impl("feed_forward_fwd", &feed_forward_fwd_cpu);
+  m.impl("feed_forward_bwd", &feed_forward_bwd_cpu);
+}
+
+}  // namespace fastformer
