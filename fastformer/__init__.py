@@ -4,13 +4,14 @@ from . import backend, nn, reference
 from ._extension import ExtensionNotBuiltError
 from .backend import empty_cpu_cache, info, set_triton_on_cpu, triton_on_cpu
 from .integrations import patch_sdpa, unpatch_sdpa
-from .ops import flash_attn_func, layer_norm_residual, scaled_dot_product_attention
+from .ops import feed_forward, flash_attn_func, layer_norm_residual, scaled_dot_product_attention
 
 backend._apply_environment()
 
 __all__ = [
     "ExtensionNotBuiltError",
     "empty_cpu_cache",
+    "feed_forward",
     "flash_attn_func",
     "info",
     "layer_norm_residual",

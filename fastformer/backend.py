@@ -1,6 +1,7 @@
 """Which implementation runs an op for a device and dtype, and fastformer.info().
 
-- CUDA tensors run the Triton kernels (fp16, bf16, fp32).
+- CUDA tensors run the Triton kernels (fp16, bf16, fp32), or for an op written in C++/CUDA
+  (feed_forward) the CUDA kernels of fastformer._C, when it was built with CUDA.
 - CPU tensors run the C++ kernels of fastformer._C.
 - With TRITON_INTERPRET=1 set before fastformer is imported, `use_triton_on_cpu()` (or
   FASTFORMER_CPU_BACKEND=triton at import) makes CPU tensors run the Triton kernels through
@@ -28,6 +29,7 @@ from . import _extension
 TRITON = "triton"
 TRITON_INTERPRETER = "triton (interpreter)"
 CPP = "c++"
+CUDA_CPP = "c++/cuda"
 TORCH_CPU_KERNEL = "torch (fused CPU kernel)"
 TORCH_FALLBACK = "torch (fallback)"
 
@@ -38,8 +40,10 @@ CPU_BACKEND_ENV = "FASTFORMER_CPU_BACKEND"
 class OpSupport:
     """What the fast implementations of one op accept."""
 
-    triton_dtypes: tuple[torch.dtype, ...]
+    cuda_dtypes: tuple[torch.dtype, ...]
     cpu_dtypes: tuple[torch.dtype, ...]
+    # what runs CUDA tensors of cuda_dtypes: the Triton kernels, or the extension's CUDA ones
+    cuda_implementation: str = TRITON
     # what runs CPU tensors of cpu_dtypes: the C++ kernels, or PyTorch's own fused CPU kernel
     cpu_implementation: str = CPP
     # dispatcher op name -> "module:function" of its Triton launcher, which takes the op's
@@ -137,13 +141,24 @@ def triton_on_cpu(enabled: bool = True) -> Iterator[None]:
         set_triton_on_cpu(previous)
 
 
+def _cuda_ready(op: str, support: OpSupport) -> bool:
+    """Whether the CUDA implementation of `op` can run: Triton is installed, or the extension
+    was built with the op's CUDA kernels (a build without nvcc has only the CPU ones)."""
+    if support.cuda_implementation == TRITON:
+        return triton_available()
+    return _extension.available and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastformer::{op}_fwd", "CUDA"
+    )
+
+
 def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The implementation `op` runs for tensors of this device and dtype."""
     support = _ops[op]
-    if device.type == "cuda" and dtype in support.triton_dtypes and triton_available():
-        return TRITON
-    if device.type == "cpu" and cpu_runs_triton():
-        return TRITON_INTERPRETER if dtype in support.triton_dtypes else TORCH_FALLBACK
+    uses_triton = support.cuda_implementation == TRITON
+    if device.type == "cuda" and dtype in support.cuda_dtypes and _cuda_ready(op, support):
+        return support.cuda_implementation
+    if device.type == "cpu" and cpu_runs_triton() and uses_triton:
+        return TRITON_INTERPRETER if dtype in support.cuda_dtypes else TORCH_FALLBACK
     if device.type == "cpu" and dtype in support.cpu_dtypes:
         return support.cpu_implementation
     return TORCH_FALLBACK

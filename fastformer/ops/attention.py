@@ -33,7 +33,7 @@ torch_sdpa = F.scaled_dot_product_attention
 backend.register_op(
     OP,
     backend.OpSupport(
-        triton_dtypes=_TRITON_DTYPES,
+        cuda_dtypes=_TRITON_DTYPES,
         cpu_dtypes=_checks.FLOAT_DTYPES,
         cpu_implementation=backend.TORCH_CPU_KERNEL,
     ),

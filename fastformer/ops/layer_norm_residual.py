@@ -26,7 +26,7 @@ _KERNELS = "fastformer_kernels.layer_norm_residual"
 backend.register_op(
     OP,
     backend.OpSupport(
-        triton_dtypes=_TRITON_DTYPES,
+        cuda_dtypes=_TRITON_DTYPES,
         cpu_dtypes=_checks.FLOAT_DTYPES,
         triton_kernels={
             "layer_norm_residual_fwd": f"{_KERNELS}:layer_norm_residual_forward",
