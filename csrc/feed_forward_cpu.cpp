@@ -2,7 +2,8 @@
 //
 // The four GEMMs of a step go to ATen (at::mm_out: MKL or oneDNN); everything between them is
 // one parallel, vectorized pass over the (M, H1) pre-activation:
-//   forward:  pre += b1 (rounded to x's dtype, kept for backward), hidden = dropout(act(pre))
+//   forward:  pre = x @ w1.T + b1 (one GEMM: bias and product rounded once, as F.linear's),
+//             then the pass: hidden = dropout(act(pre))
 //   backward: from grad_hidden = grad_out @ w2 and pre, with k the dropout multiplier
 //     (keep / (1 - p), regenerated from the seed) and act' the derivative:
 //       plain:  grad_pre = grad_hidden * k * act'(pre)
@@ -102,10 +103,10 @@ int64_t grain_rows(int64_t width) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1));
 }
 
-// pre += b1 (when b1 is given), rounded to T and stored; hidden = dropout(act(pre)) (gated:
-// act(gate) * up). hidden may alias pre for plain activations (each element is read first).
+// hidden = dropout(act(pre)) (gated: act(gate) * up). hidden may alias pre for plain
+// activations (each element is read before it is overwritten).
 template <ActivationKind A, bool kGated, typename T>
-void forward_pass(T* pre, const T* b1, T* hidden, const Dropout& dropout, const Shape& s) {
+void forward_pass(const T* pre, T* hidden, const Dropout& dropout, const Shape& s) {
   using acc_t = at::opmath_type<T>;
   using V = Vec<acc_t>;
   constexpr int64_t L = V::size();
@@ -113,20 +114,15 @@ void forward_pass(T* pre, const T* b1, T* hidden, const Dropout& dropout, const 
   at::parallel_for(0, s.M, grain_rows(s.H1), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> keep_scale(dropout.enabled ? s.H : 0);
     for (int64_t i = begin; i < end; ++i) {
-      T* pre_row = pre + i * s.H1;
+      const T* pre_row = pre + i * s.H1;
       T* hidden_row = hidden + i * s.H;
       if (dropout.enabled) {
         dropout_row_scale(keep_scale.data(), s.H, dropout.seed, i * s.H, dropout.p, scale);
       }
-      // Loads pre[j] (+ b1[j], stored back rounded to T).
-      const auto pre_at = [&](int64_t j, auto n) {
-        V v = load<acc_t>(pre_row + j, n);
-        return b1 == nullptr ? v : store(pre_row + j, v + load<acc_t>(b1 + j, n), n);
-      };
       for_each_step<L>(s.H, [&](int64_t j, auto n) {
-        V h = activation<A>(pre_at(j, n));
+        V h = activation<A>(load<acc_t>(pre_row + j, n));
         if constexpr (kGated) {
-          h = h * pre_at(s.H + j, n);
+          h = h * load<acc_t>(pre_row + s.H + j, n);
         }
         if (dropout.enabled) {
           h = h * load<acc_t>(keep_scale.data() + j, n);
@@ -138,11 +134,9 @@ void forward_pass(T* pre, const T* b1, T* hidden, const Dropout& dropout, const 
 }
 
 // From grad_hidden (M, H) and pre (M, H1): grad_pre (M, H1), which may alias grad_hidden for
-// plain activations, hidden (M, H) recomputed, and grad_b1 (H1,) when given. add_b1: pre lacks
-// the bias (recomputed as x @ w1.T), so add it, rounded to T as the forward did.
+// plain activations, hidden (M, H) recomputed, and grad_b1 (H1,) when given.
 template <ActivationKind A, bool kGated, typename T>
-void backward_pass(const T* grad_hidden, T* pre, const T* b1, bool add_b1, T* grad_pre,
-                   T* hidden, at::opmath_type<T>* grad_b1, const Dropout& dropout,
+void backward_pass(const T* grad_hidden, const T* pre, T* grad_pre, T* hidden, at::opmath_type<T>* grad_b1, const Dropout& dropout,
                    const Shape& s) {
   using acc_t = at::opmath_type<T>;
   using V = Vec<acc_t>;
@@ -159,17 +153,13 @@ void backward_pass(const T* grad_hidden, T* pre, const T* b1, bool add_b1, T* gr
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* db = grad_b1 != nullptr ? b1_partial.data() + chunk * s.H1 : nullptr;
       for (int64_t i = chunk * s.M / num_chunks; i < (chunk + 1) * s.M / num_chunks; ++i) {
-        T* pre_row = pre + i * s.H1;
+        const T* pre_row = pre + i * s.H1;
         const T* gh_row = grad_hidden + i * s.H;
         T* gp_row = grad_pre + i * s.H1;
         T* hidden_row = hidden + i * s.H;
         if (dropout.enabled) {
           dropout_row_scale(keep_scale.data(), s.H, dropout.seed, i * s.H, dropout.p, scale);
         }
-        const auto pre_at = [&](int64_t j, auto n) {
-          V v = load<acc_t>(pre_row + j, n);
-          return add_b1 ? store(pre_row + j, v + load<acc_t>(b1 + j, n), n) : v;
-        };
         // Stores a gradient of pre, rounded, and adds the rounded value to the bias sums.
         const auto store_grad = [&](int64_t j, const V& g, auto n) {
           const V rounded = store(gp_row + j, g, n);
@@ -183,9 +173,9 @@ void backward_pass(const T* grad_hidden, T* pre, const T* b1, bool add_b1, T* gr
             k = load<acc_t>(keep_scale.data() + j, n);
           }
           const V gh = load<acc_t>(gh_row + j, n) * k;
-          const auto [a, da] = activation_and_derivative<A>(pre_at(j, n));
+          const auto [a, da] = activation_and_derivative<A>(load<acc_t>(pre_row + j, n));
           if constexpr (kGated) {
-            const V up = pre_at(s.H + j, n);
+            const V up = load<acc_t>(pre_row + s.H + j, n);
             store(hidden_row + j, a * up * k, n);
             store_grad(j, gh * up * da, n);
             store_grad(s.H + j, gh * a, n);
@@ -294,21 +284,23 @@ std::tuple<Tensor, Tensor> feed_forward_fwd_cpu(const Tensor& x, const Tensor& w
                                                 c10::string_view activation, double dropout_p,
                                                 const std::optional<Tensor>& seed,
                                                 bool save_preact) {
+  // The GEMMs write into preallocated outputs (mm_out), which autograd refuses to record; the
+  // op's own autograd formula (ops/feed_forward.py) is what differentiates it.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [s, act] = check_operands(x, w1, w2, activation);
   const ScalarType dtype = x.scalar_type();
   const std::optional<Tensor> bias1 = check_bias(b1, s.H1, dtype, "b1");
   const std::optional<Tensor> bias2 = check_bias(b2, w2.size(0), dtype, "b2");
   const Dropout dropout = make_dropout(kOp, seed, dropout_p);
 
-  Tensor pre = matmul(x, w1.t(), std::nullopt);
+  Tensor pre = matmul(x, w1.t(), bias1);
   // Plain activations without a saved pre write hidden over pre: one (M, H) buffer fewer.
   const bool in_place = !act.gated && !save_preact;
   Tensor hidden = in_place ? pre : new_buffer(s.M, s.H, dtype);
   dispatch_pass(act, dtype, [&](auto kind, auto gated, auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     forward_pass<decltype(kind)::value, decltype(gated)::value, T>(
-        pre.data_ptr<T>(), bias1.has_value() ? bias1->const_data_ptr<T>() : nullptr,
-        hidden.data_ptr<T>(), dropout, s);
+        pre.const_data_ptr<T>(), hidden.data_ptr<T>(), dropout, s);
   });
   Tensor out = matmul(hidden, w2.t(), bias2);
   return {out, save_preact ? pre : at::empty({0}, x.options())};
@@ -318,6 +310,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_bwd_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
     const Tensor& w2, const std::optional<Tensor>& preact, c10::string_view activation,
     double dropout_p, const std::optional<Tensor>& seed, bool has_b2) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   const auto [s, act] = check_operands(x, w1, w2, activation);
   const ScalarType dtype = x.scalar_type();
   check_matrix(grad_out, dtype, "grad_out");
@@ -326,15 +319,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_bwd_cpu(
   const std::optional<Tensor> bias1 = check_bias(b1, s.H1, dtype, "b1");
   const Dropout dropout = make_dropout(kOp, seed, dropout_p);
 
-  const bool recompute = !preact.has_value() || !preact->defined();
   Tensor pre;
-  if (recompute) {
-    pre = matmul(x, w1.t(), std::nullopt);  // the bias is added in the pass
+  if (!preact.has_value() || !preact->defined()) {
+    pre = matmul(x, w1.t(), bias1);  // recomputed, as the forward computed it
   } else {
     check_matrix(*preact, dtype, "preact");
     TORCH_CHECK(preact->size(0) == s.M && preact->size(1) == s.H1, kOp,
                 ": preact must have shape [", s.M, ", ", s.H1, "], got ", preact->sizes());
-    // The pass writes pre only when adding the bias, which a saved preact already holds.
     pre = preact->contiguous();
   }
   Tensor grad_hidden = matmul(grad_out, w2, std::nullopt);
@@ -346,9 +337,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_bwd_cpu(
   dispatch_pass(act, dtype, [&](auto kind, auto gated, auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     backward_pass<decltype(kind)::value, decltype(gated)::value, T>(
-        grad_hidden.const_data_ptr<T>(), pre.data_ptr<T>(),
-        bias1.has_value() ? bias1->const_data_ptr<T>() : nullptr,
-        recompute && bias1.has_value(), grad_pre.data_ptr<T>(), hidden.data_ptr<T>(),
+        grad_hidden.const_data_ptr<T>(), pre.const_data_ptr<T>(), grad_pre.data_ptr<T>(),
+        hidden.data_ptr<T>(),
         bias1.has_value() ? grad_b1_acc.data_ptr<at::opmath_type<T>>() : nullptr, dropout, s);
   });
 
