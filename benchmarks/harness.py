@@ -194,6 +194,28 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
         return None
 
 
+def activation_memory(fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of one call of `fn` (a forward whose inputs
+    require grad): the distinct storages it saves, except those of `inputs` (the input and
+    parameters, which exist anyway) and of the output. This is the activation memory a
+    model holds per layer until its backward. Counted through saved_tensors_hooks, the same
+    on every device and allocator (resident memory cannot tell a forward's tensors from
+    freed memory it reuses); memory an op keeps outside autograd's saved tensors is not
+    seen."""
+    saved: dict[int, int] = {}  # storage address -> bytes
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    for tensor in (*inputs, out):
+        saved.pop(tensor.untyped_storage().data_ptr(), None)
+    return sum(saved.values())
+
+
 # ----------------------------------------------------------------------------- device peaks
 
 
@@ -287,6 +309,9 @@ class Measurement:
     share_of_peak: float | None = None  # of the measured copy bandwidth or matmul rate
     peak_memory_bytes: int | None = None
     warmup_s: float | None = None  # build + first call: torch.compile time lands here
+    # What a forward keeps for its backward (harness.activation_memory): measured by suites
+    # that have a target on it, else None.
+    activation_memory_bytes: int | None = None
 
     @property
     def ms(self) -> float | None:
@@ -321,11 +346,15 @@ class TargetOutcome:
 
 @dataclass
 class Target:
-    """A goal checked against the results and reported (never asserted): a speedup of
-    `provider` over `baseline`, or its share of the measured peak, in matching cases."""
+    """A goal checked against the results and reported (never asserted), in matching cases:
+    "speedup" of `provider` over `baseline` and "share_of_peak" (of the measured peak), one
+    outcome per case, so that a threshold of 1.0 on "speedup" reads "never slower";
+    "activation_memory", the baseline's activation memory over the provider's (1.0: no
+    more than the baseline), one outcome per case; "geomean_speedup", the geometric mean of
+    the speedups of all matching cases, one outcome (undecided if any case lacks a ratio)."""
 
     name: str
-    kind: Literal["speedup", "share_of_peak"]
+    kind: Literal["speedup", "share_of_peak", "activation_memory", "geomean_speedup"]
     threshold: float
     where: dict[str, Any]  # case fields, params or context (device, threads); list = any of
     provider: str = "fastformer"
@@ -340,22 +369,23 @@ class Target:
         return True
 
     def evaluate(self, results: Sequence[Result], context: dict[str, Any]) -> list[TargetOutcome]:
+        matching = [r for r in results if self.matches(r.case, context)]
+        if not matching:
+            return [
+                TargetOutcome(
+                    self.name,
+                    "-",
+                    None,
+                    None,
+                    self.threshold,
+                    "no case of this run matches the target",
+                )
+            ]
+        if self.kind == "geomean_speedup":
+            return [self._geomean(matching)]
         outcomes = []
-        for result in results:
-            if not self.matches(result.case, context):
-                continue
-            if self.kind == "speedup":
-                assert self.baseline is not None
-                value = result.speedup(self.provider, self.baseline)
-                detail = f"{self.provider} vs {self.baseline}: " + (
-                    f"{value:.2f}x" if value is not None else self._why_missing(result)
-                )
-            else:
-                mine = result.get(self.provider)
-                value = mine.share_of_peak if mine and mine.status == "ok" else None
-                detail = f"{self.provider}: " + (
-                    f"{value:.0%} of peak" if value is not None else self._why_missing(result)
-                )
+        for result in matching:
+            value, detail = self._per_case(result)
             passed = None if value is None else value >= self.threshold
             outcomes.append(
                 TargetOutcome(
@@ -367,18 +397,53 @@ class Target:
                     detail,
                 )
             )
-        if not outcomes:
-            outcomes.append(
-                TargetOutcome(
-                    self.name,
-                    "-",
-                    None,
-                    None,
-                    self.threshold,
-                    "no case of this run matches the target",
-                )
-            )
         return outcomes
+
+    def _per_case(self, result: Result) -> tuple[float | None, str]:
+        if self.kind == "speedup":
+            assert self.baseline is not None
+            value = result.speedup(self.provider, self.baseline)
+            return value, f"{self.provider} vs {self.baseline}: " + (
+                f"{value:.2f}x" if value is not None else self._why_missing(result)
+            )
+        if self.kind == "activation_memory":
+            assert self.baseline is not None
+            mine, theirs = (
+                m.activation_memory_bytes if m is not None and m.status == "ok" else None
+                for m in (result.get(self.provider), result.get(self.baseline))
+            )
+            if mine is None or theirs is None:
+                return None, f"activation memory: {self._why_missing(result)}"
+            value = theirs / mine if mine > 0 else (math.inf if theirs > 0 else 1.0)
+            return value, (
+                f"activation memory {self.provider} {mine / 2**20:.1f} MiB, "
+                f"{self.baseline} {theirs / 2**20:.1f} MiB ({value:.2f}x)"
+            )
+        mine = result.get(self.provider)
+        value = mine.share_of_peak if mine and mine.status == "ok" else None
+        return value, f"{self.provider}: " + (
+            f"{value:.0%} of peak" if value is not None else self._why_missing(result)
+        )
+
+    def _geomean(self, matching: Sequence[Result]) -> TargetOutcome:
+        assert self.baseline is not None
+        ratios = {
+            f"{r.case.name} {r.case.mode}": r.speedup(self.provider, self.baseline)
+            for r in matching
+        }
+        where = f"geometric mean of {len(ratios)} cases"
+        missing = [name for name, ratio in ratios.items() if ratio is None]
+        if missing:
+            detail = f"{self.provider} vs {self.baseline}: no ratio in " + ", ".join(missing)
+            return TargetOutcome(self.name, where, None, None, self.threshold, detail)
+        values = [ratio for ratio in ratios.values() if ratio is not None]
+        mean = math.exp(sum(math.log(v) for v in values) / len(values))
+        worst = min(ratios, key=lambda name: ratios[name] or 0.0)
+        detail = (
+            f"{self.provider} vs {self.baseline}: geometric mean {mean:.2f}x "
+            f"(lowest {ratios[worst]:.2f}x, {worst})"
+        )
+        return TargetOutcome(self.name, where, mean >= self.threshold, mean, self.threshold, detail)
 
     def _why_missing(self, result: Result) -> str:
         for name in (self.provider, self.baseline):

@@ -106,3 +106,84 @@ def test_attention_suite_runs_end_to_end(quick_run, monkeypatch):
             assert by_provider[provider]["reason"]
         assert {m["status"] for m in by_provider.values()} <= {"ok", "skipped"}
     assert written["suites"]["attention"]["targets"] == []
+
+
+@requires_extension
+def test_feed_forward_suite_runs_end_to_end(quick_run, monkeypatch):
+    from fastformer_benchmarks import bench_feed_forward as suite
+
+    monkeypatch.setattr(suite, "CPU_TOKENS", 64)
+    monkeypatch.setattr(
+        suite, "CPU_SHAPES", (suite.Shape(48, 96, "gelu"), suite.Shape(48, 80, "swiglu"))
+    )
+    written, results = quick_run("feed_forward")
+    assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
+        (name, mode)
+        for name in ("64x48->96 gelu", "64x48->80 swiglu")
+        for mode in ("fwd", "fwd+bwd")
+    }
+    flops = {(r["case"]["name"], r["case"]["mode"]): r["case"]["flops"] for r in results}
+    assert flops["64x48->96 gelu", "fwd"] == 2 * 64 * 48 * 96 * 2
+    assert flops["64x48->80 swiglu", "fwd"] == 2 * 64 * 48 * 160 + 2 * 64 * 80 * 48
+    assert flops["64x48->80 swiglu", "fwd+bwd"] == 3 * flops["64x48->80 swiglu", "fwd"]
+    for result in results:
+        by_provider = {m["provider"]: m for m in result["measurements"]}
+        for provider in ("fastformer", "eager"):
+            assert by_provider[provider]["status"] == "ok"
+            assert by_provider[provider]["timing"]["median_ms"] > 0
+            assert by_provider[provider]["unit"] == "TFLOP/s"
+            # Activation memory is measured with a backward to come, and only then.
+            saved = by_provider[provider]["activation_memory_bytes"]
+            assert (saved is not None) == (result["case"]["mode"] == "fwd+bwd")
+        assert by_provider["liger"]["status"] == "skipped"
+        for path in ("separate", "cublaslt"):  # CUDA paths
+            assert by_provider[f"fastformer ({path})"]["status"] == "skipped"
+            assert "FASTFORMER_FF_EPILOGUE" in by_provider[f"fastformer ({path})"]["reason"]
+        assert {m["status"] for m in by_provider.values()} <= {"ok", "skipped"}
+    # The CPU targets name 2 threads and the 512 -> 2048 shape: undecided in this run.
+    targets = written["suites"]["feed_forward"]["targets"]
+    assert [t["target"] for t in targets] == [
+        "forward+backward >= 1.05x eager",
+        "forward+backward >= 90% of the matmul rate",
+    ]
+    assert all(t["passed"] is None for t in targets)
+
+
+def _result(name: str, mode: str, ms: dict[str, float], saved: dict[str, int] | None = None):
+    from fastformer_benchmarks.harness import Case, Measurement, Result, Timing
+
+    measurements = []
+    for provider, median in ms.items():
+        m = Measurement(provider, "ok", timing=Timing(median, median, median, 5, "test"))
+        m.activation_memory_bytes = (saved or {}).get(provider)
+        measurements.append(m)
+    return Result(Case("op", name, "bfloat16", mode, {"width": int(name)}), measurements)
+
+
+def test_geomean_and_activation_memory_targets():
+    from fastformer_benchmarks.harness import Measurement, Target
+
+    results = [
+        _result("1", "fwd+bwd", {"fastformer": 1.0, "eager": 2.0}, {"fastformer": 4, "eager": 8}),
+        _result("2", "fwd+bwd", {"fastformer": 2.0, "eager": 1.0}, {"fastformer": 8, "eager": 8}),
+        _result("3", "fwd", {"fastformer": 1.0, "eager": 100.0}),
+    ]
+    geomean = Target("g", "geomean_speedup", 1.1, {"mode": "fwd+bwd"}, baseline="eager")
+    [outcome] = geomean.evaluate(results, {})
+    assert outcome.measured == pytest.approx(1.0)  # sqrt(2 * 0.5)
+    assert outcome.passed is False
+    assert outcome.case == "geometric mean of 2 cases"
+
+    memory = Target("m", "activation_memory", 1.0, {"mode": "fwd+bwd"}, baseline="eager")
+    assert [(o.measured, o.passed) for o in memory.evaluate(results, {})] == [
+        (2.0, True),
+        (1.0, True),
+    ]
+
+    # A case without a ratio leaves the mean undecided rather than computed over the rest.
+    results[1].measurements[1] = Measurement("eager", "skipped", "not here")
+    [outcome] = geomean.evaluate(results, {})
+    assert outcome.passed is None
+    assert "2 fwd+bwd" in outcome.detail
+    never_slower = Target("n", "speedup", 1.0, {"width": [1, 2, 3]}, baseline="eager")
+    assert [o.passed for o in never_slower.evaluate(results, {})] == [True, None, True]
