@@ -17,15 +17,23 @@
 //
 // Each output depends only on (seed, offset): any thread can draw any element, and a loop over
 // consecutive offsets has no loop-carried state. The multiplies are written as 64-bit products
-// of zero-extended 32-bit words so that compilers vectorize such loops (vpmuludq on x86).
+// of zero-extended 32-bit words so that compilers vectorize such loops (vpmuludq on x86) and
+// nvcc emits one mul.wide.u32 per product. The functions are host and device functions when
+// compiled by nvcc (csrc/cuda/), plain inline functions otherwise: the same code, bit for bit.
 #pragma once
 
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define FASTFORMER_HOST_DEVICE __host__ __device__
+#else
+#define FASTFORMER_HOST_DEVICE
+#endif
+
 namespace fastformer {
 
 // First output word of Philox4x32-10 for the counter (offset_lo, offset_hi, 0, 0).
-inline uint32_t philox4x32_10_c0(uint64_t seed, int64_t offset) {
+FASTFORMER_HOST_DEVICE inline uint32_t philox4x32_10_c0(uint64_t seed, int64_t offset) {
   constexpr uint32_t kRoundA = 0xD2511F53u;
   constexpr uint32_t kRoundB = 0xCD9E8D57u;
   constexpr uint32_t kKeyA = 0x9E3779B9u;
@@ -50,7 +58,7 @@ inline uint32_t philox4x32_10_c0(uint64_t seed, int64_t offset) {
 }
 
 // tl.rand(seed, offset): a float in [0, 1).
-inline float philox_uniform(uint64_t seed, int64_t offset) {
+FASTFORMER_HOST_DEVICE inline float philox_uniform(uint64_t seed, int64_t offset) {
   int32_t x = static_cast<int32_t>(philox4x32_10_c0(seed, offset));
   x = x < 0 ? ~x : x;
   return static_cast<float>(x) * 4.6566127342e-10f;
@@ -58,7 +66,7 @@ inline float philox_uniform(uint64_t seed, int64_t offset) {
 
 // Dropout with drop probability p keeps the element at `offset` iff its uniform is >= p
 // (so p = 0 keeps everything). p is compared as a float, as a Triton kernel receives it.
-inline bool dropout_keep(uint64_t seed, int64_t offset, float p) {
+FASTFORMER_HOST_DEVICE inline bool dropout_keep(uint64_t seed, int64_t offset, float p) {
   return philox_uniform(seed, offset) >= p;
 }
 
