@@ -1,7 +1,7 @@
 """Builds fastformer._C from csrc/ and installs kernels/ as the package fastformer_kernels.
 
 The C++ sources (op schemas, CPU kernels) are always built; the CUDA sources (csrc/cuda/*.cu)
-are added when torch was built with CUDA and nvcc is found. Environment:
+are added when torch was built with CUDA and nvcc is found, and linked with cuBLASLt. Environment:
 
   FASTFORMER_SKIP_EXTENSION=1   install the Python packages only (the ops that need the
                                 extension then say how to build it)
@@ -24,6 +24,8 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+# cuBLASLt in the NVIDIA wheels beside torch's CUDA builds: (folder in site-packages, library).
+CUBLASLT_WHEELS = (("nvidia/cu13", "libcublasLt.so.13"), ("nvidia/cublas", "libcublasLt.so.12"))
 
 
 def _env_flag(name: str) -> bool:
@@ -49,6 +51,32 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def _cublaslt(cuda_home: Path, torch_dir: Path) -> tuple[list[str], list[str]]:
+    """Include directories and link arguments for cuBLASLt (csrc/cuda/cublaslt_gemm.cu).
+
+    Preferred: the library torch itself loads, from the NVIDIA wheel beside torch's CUDA build
+    (nvidia/cu13 or nvidia/cublas under site-packages). Those wheels ship only versioned names
+    (libcublasLt.so.13), so it is linked by file name with an rpath to its folder. Otherwise the
+    toolkit's libcublasLt.so in CUDA_HOME. Headers come from CUDA_HOME, else from the wheel.
+    """
+    has_header = (cuda_home / "include" / "cublasLt.h").exists()
+    site_packages = torch_dir.parent
+    for package, soname in CUBLASLT_WHEELS:
+        root = site_packages / package
+        if (root / "lib" / soname).exists():
+            lib = str(root / "lib")
+            include_dirs = [] if has_header else [str(root / "include")]
+            return include_dirs, [f"-L{lib}", f"-l:{soname}", f"-Wl,-rpath,{lib}"]
+    for lib in (cuda_home / "lib64", cuda_home / "lib"):
+        if (lib / "libcublasLt.so").exists():
+            return [], [f"-L{lib}", "-lcublasLt"]
+    raise RuntimeError(
+        f"fastformer: cuBLASLt not found (no libcublasLt.so in {cuda_home}/lib64, no NVIDIA "
+        f"cuBLAS wheel in {site_packages}); install the CUDA toolkit's cuBLAS or set "
+        "FASTFORMER_SKIP_EXTENSION=1"
+    )
+
+
 def _extensions() -> tuple[list, dict]:
     if _env_flag("FASTFORMER_SKIP_EXTENSION"):
         print("fastformer: FASTFORMER_SKIP_EXTENSION is set, not building fastformer._C")
@@ -67,19 +95,28 @@ def _extensions() -> tuple[list, dict]:
     )
     extension_type = cpp_extension.CppExtension
     extra_compile_args: dict[str, list[str]] = {"cxx": cxx_flags}
+    include_dirs = [str(CSRC)]
+    link_args = ["-fopenmp"]
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             # No GPU to ask: build for the architectures fastformer targets, Hopper included.
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         extension_type = cpp_extension.CUDAExtension
         sources += cuda_sources
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: its tanh/erf/exp approximations would show in float32 results,
+        # and the elementwise kernels are bound by memory, not arithmetic.
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        cublas_includes, cublas_link = _cublaslt(
+            Path(cpp_extension.CUDA_HOME), Path(torch.__file__).parent
+        )
+        include_dirs += cublas_includes
+        link_args += cublas_link
     extension = extension_type(
         name="fastformer._C",
         sources=sources,
-        include_dirs=[str(CSRC)],
+        include_dirs=include_dirs,
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         py_limited_api=False,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
