@@ -17,11 +17,14 @@ BENCH_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastformer-installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+# cuBLAS headers for the CUDA compile check (tests/test_cuda_sources.py), from this wheel.
+CUBLAS_WHEEL ?= nvidia-cublas==13.1.0.3
+CUDA_HEADERS := $(VENV)/cuda-headers
 
 .PHONY: setup bench test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CUDA_HEADERS)/.fetched
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +51,43 @@ $(STAMP): $(VENV)/.torch $(SOURCES)
 	$(BIN)/pip install setuptools wheel ninja pybind11
 	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/pip install --no-build-isolation -e ".[dev]"
 	touch $@
+
+# On a machine with nvcc but torch's CPU build (CI), setup.py does not compile csrc/cuda; the
+# test compiles each .cu file with nvcc instead, which needs cublasLt.h. The toolkit here may lack
+# cuBLAS, so its headers come from NVIDIA's cuBLAS wheel: downloaded to a temporary folder, only
+# nvidia/cu13/include/* kept (under 1 MB). Skipped without nvcc, with a CUDA torch, or when the
+# toolkit has the header; a failed download only warns (the test then skips, saying why).
+define EXTRACT_CUDA_HEADERS
+import pathlib, sys, zipfile
+wheel_dir, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+prefix = "nvidia/cu13/include/"
+with zipfile.ZipFile(next(wheel_dir.glob("*.whl"))) as wheel:
+    names = [n for n in wheel.namelist() if n.startswith(prefix) and not n.endswith("/")]
+    assert names, f"no {prefix} in the wheel"
+    for name in names:
+        path = out / name[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(wheel.read(name))
+endef
+export EXTRACT_CUDA_HEADERS
+
+$(CUDA_HEADERS)/.fetched: | $(VENV)/.torch
+	@if ! command -v nvcc >/dev/null 2>&1; then \
+		echo "no nvcc: the CUDA compile check will be skipped"; \
+	elif $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
+		echo "torch has CUDA: setup.py compiles csrc/cuda itself"; \
+	elif [ -f "$${CUDA_HOME:-/usr/local/cuda}/include/cublasLt.h" ]; then \
+		echo "cublasLt.h found in $${CUDA_HOME:-/usr/local/cuda}/include"; \
+	else \
+		tmp=$$(mktemp -d); \
+		if $(BIN)/pip download --quiet --no-deps "$(CUBLAS_WHEEL)" -d "$$tmp" && \
+			$(BIN)/python -c "$$EXTRACT_CUDA_HEADERS" "$$tmp" "$(CUDA_HEADERS)"; then \
+			touch $@; echo "cuBLAS headers in $(CUDA_HEADERS)"; \
+		else \
+			echo "warning: could not fetch $(CUBLAS_WHEEL); the CUDA compile check will be skipped"; \
+		fi; \
+		rm -rf "$$tmp"; \
+	fi
 
 bench: setup
 	$(BIN)/fastformer bench $(BENCH_ARGS)
