@@ -4,6 +4,8 @@ of their GEMM paths)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -420,3 +422,16 @@ def test_unsupported_case_falls_back_visibly():
     assert fastformer.info()["fallback_calls"]["feed_forward"] == before + 1
     expected = reference.feed_forward(*tensors.values())
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not _CUDA_READY, reason="needs the CUDA kernels (a GPU and an nvcc build)")
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "gelu"])
+def test_cublaslt_epilogues_run_on_aligned_shapes(gemm_path, dtype, atol, activation):
+    """On sizes cuBLASLt takes (multiples of 8), its epilogues must run, not decline and
+    hand over to the separate path (which warns): a warning fails this test."""
+    gemm_path("cublaslt")
+    tensors = _inputs((256,), 512, 1024, 512, activation, dtype, "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_against_reference(tensors, atol, activation=activation)
