@@ -321,7 +321,7 @@ std::optional<c10::TypedOperatorHandle<LinearPointwise>> onednn_linear_op() {
 }
 
 // out = a @ w.T (+ bias): the GEMMs of the form F.linear computes. oneDNN's inner product runs
-// them ~10% faster than MKL's sgemm on the CPUs measured (see benchmarks/README.md) and
+// them ~10% faster than MKL's sgemm on the CPU measured (AMD EPYC; README, Benchmarks) and
 // supports float32 and bfloat16; other dtypes, or FASTFORMER_CPU_GEMM=mkl, go to ATen.
 Tensor gemm_nt(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias) {
   const auto op = onednn_linear_op();
