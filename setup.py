@@ -128,6 +128,8 @@ setup(
     packages=[
         "fastformer",
         "fastformer.ops",
+        "fastformer.nn",
+        "fastformer.models",
         "fastformer.integrations",
         "fastformer_kernels",
         "fastformer_benchmarks",

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .ops import feed_forward, layer_norm_residual
-from .ops.feed_forward import ACTIVATIONS
+from ..ops import feed_forward, layer_norm_residual
+from ..ops.feed_forward import ACTIVATIONS
 
 __all__ = ["FeedForward", "LayerNorm", "RMSNorm", "activation_name"]
 

@@ -1,0 +1,1 @@
+"""fastformer.models: complete models built from fastformer.nn."""
