@@ -3,7 +3,7 @@
 from . import backend, nn, reference
 from ._extension import ExtensionNotBuiltError
 from .backend import empty_cpu_cache, info, set_triton_on_cpu, triton_on_cpu
-from .integrations import patch_sdpa, unpatch_sdpa
+from .integrations import enable_transformers, patch_sdpa, unpatch_sdpa
 from .ops import feed_forward, flash_attn_func, layer_norm_residual, scaled_dot_product_attention
 
 backend._apply_environment()
@@ -11,6 +11,7 @@ backend._apply_environment()
 __all__ = [
     "ExtensionNotBuiltError",
     "empty_cpu_cache",
+    "enable_transformers",
     "feed_forward",
     "flash_attn_func",
     "info",

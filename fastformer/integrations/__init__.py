@@ -1,5 +1,6 @@
-"""Ways to swap fastformer in: SDPA patching (and, later, Hugging Face registration)."""
+"""Ways to swap fastformer in: SDPA patching and Hugging Face transformers registration."""
 
 from .sdpa import patch_sdpa, unpatch_sdpa
+from .transformers import enable_transformers
 
-__all__ = ["patch_sdpa", "unpatch_sdpa"]
+__all__ = ["enable_transformers", "patch_sdpa", "unpatch_sdpa"]
