@@ -1,0 +1,186 @@
+"""fastformer.nn.LayerNorm and RMSNorm: torch.nn's norms on the fused residual + norm kernel."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops import layer_norm_residual
+
+__all__ = ["LayerNorm", "RMSNorm"]
+
+_ShapeArg = int | Sequence[int] | torch.Size
+
+
+def _as_shape(normalized_shape: _ShapeArg) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(d) for d in normalized_shape)
+
+
+class _FusedNorm(torch.nn.Module):
+    """Shared body of LayerNorm and RMSNorm: parameters as torch.nn's, fused forward."""
+
+    rms_norm: bool = False
+
+    def __init__(
+        self,
+        normalized_shape: _ShapeArg,
+        eps: float | None,
+        elementwise_affine: bool,
+        bias: bool,
+        dropout: float,
+        residual_in_fp32: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.dropout = dropout
+        self.residual_in_fp32 = residual_in_fp32
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            self.bias = (
+                torch.nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+            )
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
+
+    def forward(
+        self, input: Tensor, residual: Tensor | None = None, *, return_residual: bool | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Normalize dropout(input) + residual over the trailing normalized_shape dims.
+
+        Returns out, or (out, h) with h = dropout(input) + residual when a residual is given
+        (or return_residual=True): the residual stream a pre-norm block passes on.
+        """
+        dims = len(self.normalized_shape)
+        if tuple(input.shape[-dims:]) != self.normalized_shape:
+            raise ValueError(
+                f"{type(self).__name__}: input's trailing dimensions must be "
+                f"{list(self.normalized_shape)}, got shape {list(input.shape)}"
+            )
+        # Several normalized dims are one feature dim of their product for the kernel.
+        features = math.prod(self.normalized_shape)
+        flat_shape = (*input.shape[: input.dim() - dims], features)
+        eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps
+        flat_input = input.reshape(flat_shape)
+        out, h = layer_norm_residual(
+            flat_input,
+            None if residual is None else residual.reshape(flat_shape),
+            None if self.weight is None else self.weight.reshape(features),
+            None if self.bias is None else self.bias.reshape(features),
+            eps=eps,
+            dropout_p=self.dropout,
+            rms_norm=self.rms_norm,
+            residual_in_fp32=self.residual_in_fp32,
+            training=self.training,
+        )
+        out = out.view(input.shape)
+        if return_residual if return_residual is not None else residual is not None:
+            # h is the input itself when there was nothing to add: hand back the same tensor.
+            return out, (input if h is flat_input else h.view(input.shape))
+        return out
+
+    def extra_repr(self) -> str:
+        extra = (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
+        if self.dropout:
+            extra += f", dropout={self.dropout}"
+        if self.residual_in_fp32:
+            extra += ", residual_in_fp32=True"
+        return extra
+
+
+class LayerNorm(_FusedNorm):
+    """torch.nn.LayerNorm with a fused kernel; forward also takes a residual to add first.
+
+    Same constructor arguments and state_dict as torch.nn.LayerNorm. Two extras:
+    `dropout` (applied to the input before the residual add, in training) and
+    `residual_in_fp32` (keep the returned residual stream in float32).
+    """
+
+    def __init__(
+        self,
+        normalized_shape: _ShapeArg,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        dropout: float = 0.0,
+        residual_in_fp32: bool = False,
+    ) -> None:
+        super().__init__(
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            bias,
+            dropout,
+            residual_in_fp32,
+            device,
+            dtype,
+        )
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
+        """A LayerNorm sharing `module`'s weight and bias Parameters (not copies)."""
+        new = cls(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None,
+            device="meta",
+        )
+        new.weight, new.bias = module.weight, module.bias
+        new.training = module.training
+        return new
+
+
+class RMSNorm(_FusedNorm):
+    """torch.nn.RMSNorm with a fused kernel; forward also takes a residual to add first.
+
+    Same constructor arguments and state_dict as torch.nn.RMSNorm (eps=None means the
+    input dtype's machine epsilon, as there), plus `dropout` and `residual_in_fp32`.
+    """
+
+    rms_norm = True
+
+    def __init__(
+        self,
+        normalized_shape: _ShapeArg,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        dropout: float = 0.0,
+        residual_in_fp32: bool = False,
+    ) -> None:
+        super().__init__(
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            False,
+            dropout,
+            residual_in_fp32,
+            device,
+            dtype,
+        )
