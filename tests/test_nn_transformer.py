@@ -423,6 +423,40 @@ def test_encoder_stack_matches_torch(norm_first, final_norm):
     )
 
 
+def test_pre_norm_stack_with_a_hooked_layer_calls_it():
+    """A hook on a layer turns off the cross-layer fusion (which would bypass the layer's
+    __call__): the hook runs and the results stay torch.nn's."""
+    layer_args = (D_MODEL, HEADS, FF, 0.0)
+    theirs = torch.nn.TransformerDecoder(
+        torch.nn.TransformerDecoderLayer(*layer_args, norm_first=True),
+        2,
+        torch.nn.LayerNorm(D_MODEL),
+    )
+    ours = fnn.TransformerDecoder(
+        fnn.TransformerDecoderLayer(*layer_args, norm_first=True), 2, fnn.LayerNorm(D_MODEL)
+    )
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    calls = []
+    ours.layers[1].register_forward_hook(lambda *args: calls.append(1))
+    _assert_same(
+        theirs.eval(), ours.eval(), _seq(TGT, False, 1), _seq(SRC, False, 2), tgt_is_causal=None
+    )
+    assert calls == [1]
+
+
+def test_dropout_is_active_in_training_and_seeded():
+    layer = fnn.TransformerEncoderLayer(D_MODEL, HEADS, FF, dropout=0.3, norm_first=True)
+    x = _seq(SRC, False, 1)
+    torch.manual_seed(5)
+    first = layer(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(layer(x), first)
+    assert not torch.allclose(layer(x), first)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 def test_transformer_matches_torch(norm_first, batch_first):
@@ -535,6 +569,7 @@ def test_convert_nested_model_keeps_parameters_and_results():
     assert dict(report.skipped).keys() == {"custom", "with_bias_kv"}
     assert ("encoder", "TransformerEncoder") in report.converted
     assert not model.training and not model.encoder.layers[1].training
+    assert not any(t.is_meta for t in model.state_dict().values())
 
     x = torch.randn(BATCH, SRC, 16)
     _assert_same(reference, model, x, _padding(SRC))
@@ -558,6 +593,16 @@ def test_convert_of_a_transformer_returns_the_replacement():
     assert type(converted.decoder.layers[0]) is fnn.TransformerDecoderLayer
     src, tgt = _seq(SRC, False, 1), _seq(TGT, False, 2)
     _assert_same(reference, converted, src, tgt, tgt_mask=_causal_bool(TGT))
+
+
+def test_convert_rms_norm_shares_its_weight():
+    model = torch.nn.Sequential(torch.nn.Linear(8, D_MODEL), torch.nn.RMSNorm(D_MODEL, eps=1e-6))
+    _randomize(model)
+    reference = copy.deepcopy(model)
+    weight = model[1].weight
+    fastformer.convert(model)
+    assert type(model[1]) is fnn.RMSNorm and model[1].weight is weight
+    _assert_same(reference, model, torch.randn(5, 8))
 
 
 def test_convert_notes_custom_activation():

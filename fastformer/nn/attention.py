@@ -287,9 +287,8 @@ class MultiheadAttention(torch.nn.Module):
             mask = None
         else:
             is_causal = False
-            mask = merge_masks(
-                attn_mask, key_padding_mask, batch, heads, length, source, query.dtype
-            )
+            # In the projections' dtype (autocast may have changed it), as the op wants.
+            mask = merge_masks(attn_mask, key_padding_mask, batch, heads, length, source, q.dtype)
         out = scaled_dot_product_attention(
             q,
             k,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .attention import MultiheadAttention
-from .norm import LayerNorm
+from .norm import LayerNorm, RMSNorm
 from .transformer import (
     Transformer,
     TransformerDecoder,
@@ -48,6 +48,7 @@ class ConversionReport:
 # torch.nn class -> fastformer's from_torch, for the exact classes convert replaces.
 _CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
     torch.nn.LayerNorm: LayerNorm.from_torch,
+    torch.nn.RMSNorm: RMSNorm.from_torch,
     torch.nn.MultiheadAttention: MultiheadAttention.from_torch,
     torch.nn.TransformerEncoderLayer: TransformerEncoderLayer.from_torch,
     torch.nn.TransformerDecoderLayer: TransformerDecoderLayer.from_torch,
@@ -94,8 +95,9 @@ def convert(
 ) -> torch.nn.Module | tuple[torch.nn.Module, ConversionReport]:
     """Replace, in place and recursively, the torch.nn Transformer modules of `model`
     (Transformer, TransformerEncoder / Decoder and their layers, MultiheadAttention,
-    LayerNorm) with fastformer.nn's, keeping the same Parameter objects (shared, not copied:
-    an optimizer built before conversion still holds them) and each module's training mode.
+    LayerNorm, RMSNorm) with fastformer.nn's, keeping the same Parameter objects (shared,
+    not copied: an optimizer built before conversion still holds them) and each module's
+    training mode.
 
     Only the exact torch.nn classes are replaced. Left alone, with a ConversionWarning that
     lists them: subclasses (their forward may differ), modules with hooks, MultiheadAttention

@@ -184,3 +184,16 @@ class RMSNorm(_FusedNorm):
             device,
             dtype,
         )
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RMSNorm) -> RMSNorm:
+        """An RMSNorm sharing `module`'s weight Parameter (not a copy)."""
+        new = cls(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            device="meta",
+        )
+        new.weight = module.weight
+        new.training = module.training
+        return new
