@@ -289,6 +289,8 @@ def test_opcheck(activation, dropout_p):
         x, w1, b1, w2, None, activation, dropout_p, seed, True
     )
     grad_out = torch.randn(7, 5)
+    # The backward op is not differentiable (it says so): its inputs carry no grad here.
+    x, w1, b1, w2 = (t.detach() for t in (x, w1, b1, w2))
     for saved in (preact.detach(), None):
         bwd_args = (grad_out, x, w1, b1, w2, saved, activation, dropout_p, seed, True)
         torch.library.opcheck(torch.ops.fastformer.feed_forward_bwd.default, bwd_args)
@@ -435,3 +437,12 @@ def test_cublaslt_epilogues_run_on_aligned_shapes(gemm_path, dtype, atol, activa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_against_reference(tensors, atol, activation=activation)
+
+
+def test_double_backward_raises_clearly():
+    tensors = _inputs((5,), 8, 16, 8, "gelu", torch.float32, "cpu")
+    leaves = [v.clone().requires_grad_() for v in tensors.values()]
+    out = fastformer.feed_forward(*leaves)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()

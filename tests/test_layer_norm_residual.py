@@ -475,3 +475,11 @@ def test_cpu_outputs_reuse_freed_blocks_and_empty_releases_them():
     torch.save(h, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.load(buffer), x + x)
+
+
+def test_double_backward_raises_clearly():
+    x = torch.randn(4, 16, requires_grad=True)
+    out, _h = fastformer.layer_norm_residual(x, torch.randn(4, 16), torch.randn(16))
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()

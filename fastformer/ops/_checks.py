@@ -80,3 +80,21 @@ def as_rows(tensor: Tensor, features: int) -> Tensor:
         return rows
     # Not .contiguous(): it keeps odd strides on empty and size-1 dimensions.
     return rows.new_empty(rows.shape).copy_(rows)
+
+
+def no_double_backward(op: str) -> tuple:
+    """The autograd formula of an op's backward, (backward, setup_context): gradients of
+    gradients are not supported, and saying so beats autograd's default for such ops (outputs
+    that silently carry no gradient). Register it for the backward op:
+    backward, setup = no_double_backward(op)
+    torch.library.register_autograd(bwd_op, backward, setup_context=setup)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op}: double backward (gradients of gradients, create_graph=True) is not supported"
+        )
+
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    return backward, setup_context

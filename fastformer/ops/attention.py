@@ -149,6 +149,8 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_no_double_backward, _no_context = _checks.no_double_backward("scaled_dot_product_attention")
+attention_bwd.register_autograd(_no_double_backward, setup_context=_no_context)
 
 
 # ----------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ if _extension.available:
     torch.library.register_fake(_FWD)(_fake_fwd)
     torch.library.register_fake(_BWD)(_fake_bwd)
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    _no_double_backward, _no_context = _checks.no_double_backward(OP)
+    torch.library.register_autograd(_BWD, _no_double_backward, setup_context=_no_context)
 
 
 # ----------------------------------------------------------------------------------------
