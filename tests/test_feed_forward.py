@@ -446,3 +446,12 @@ def test_double_backward_raises_clearly():
     (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cpu_gemms_through_mkl_as_well(monkeypatch, activation, dtype, atol):
+    """FASTFORMER_CPU_GEMM=mkl sends the GEMMs oneDNN would run to ATen's addmm instead."""
+    monkeypatch.setenv("FASTFORMER_CPU_GEMM", "mkl")
+    tensors = _inputs((37,), 24, 40, 19, activation, dtype, "cpu")
+    _check_against_reference(tensors, atol, activation=activation)
