@@ -116,9 +116,9 @@ class MultiheadAttention(torch.nn.Module):
       key/value position that the fused path does not model); a warning says so once.
 
     Differences from torch.nn: NestedTensor inputs are not accepted (torch takes them only
-    on its inference fast path); a query row whose keys are all masked gives what
-    fastformer.scaled_dot_product_attention gives (zeros from fastformer's kernels) where
-    torch.nn's float path gives NaN.
+    on its inference fast path). A query row whose keys are all masked gets zeros from the
+    attention, as from torch's scaled_dot_product_attention (the need_weights=True path
+    gives NaN there, as torch.nn does).
     """
 
     def __init__(
