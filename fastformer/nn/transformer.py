@@ -481,7 +481,7 @@ class TransformerEncoder(torch.nn.Module):
     @classmethod
     def from_torch(cls, module: torch.nn.TransformerEncoder) -> TransformerEncoder:
         """This stack on `module`'s own layers and norm (shared, not copied)."""
-        new = cls(module.layers[0], 0, module.norm, module.enable_nested_tensor)
+        new = cls(torch.nn.Identity(), 0, module.norm, module.enable_nested_tensor)
         new.mask_check = getattr(module, "mask_check", True)
         new.layers, new.num_layers = module.layers, module.num_layers
         new.training = module.training
@@ -533,7 +533,7 @@ class TransformerDecoder(torch.nn.Module):
     @classmethod
     def from_torch(cls, module: torch.nn.TransformerDecoder) -> TransformerDecoder:
         """This stack on `module`'s own layers and norm (shared, not copied)."""
-        new = cls(module.layers[0], 0, module.norm)
+        new = cls(torch.nn.Identity(), 0, module.norm)
         new.layers, new.num_layers = module.layers, module.num_layers
         new.training = module.training
         return new
