@@ -93,6 +93,10 @@ def model(name: str) -> torch.nn.Module:
             "qwen2-mqa": lambda: _build(
                 t.Qwen2Config, t.Qwen2ForCausalLM, num_key_value_heads=1, **llama_like
             ),
+            "mistral-sliding": lambda: _build(
+                t.MistralConfig, t.MistralForCausalLM, num_key_value_heads=2, sliding_window=4,
+                **llama_like,
+            ),
             "bart": lambda: _build(
                 t.BartConfig, t.BartForConditionalGeneration, d_model=64, encoder_layers=2,
                 decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -211,6 +215,29 @@ def test_decoder_unpadded_runs_is_causal(name, sdpa_calls):
 def test_decoder_generate(name, path):
     ids, mask = _batch(length=7, pad=3, left=True)
     _assert_same_generation(model(name), input_ids=ids, attention_mask=mask)
+
+
+def test_sliding_window_padded(sdpa_calls):
+    """Mistral's sliding window arrives inside the boolean mask transformers builds."""
+    ids, mask = _batch(left=True)
+    ref = _logits(model("mistral-sliding"), "eager", input_ids=ids, attention_mask=mask)
+    fast = _logits(model("mistral-sliding"), "fastformer", input_ids=ids, attention_mask=mask)
+    _assert_close(fast, ref, keep=mask)
+    assert sdpa_calls and all(c["attn_mask"].dtype == torch.bool for c in sdpa_calls)
+
+
+def test_static_cache_generate(sdpa_calls):
+    """A static cache: the prefill's keys outnumber its queries (is_causal, upper left)."""
+    ids, _ = _batch(length=7)
+    tokens = {}
+    for implementation in ("eager", "fastformer"):
+        model("llama-gqa").set_attn_implementation(implementation)
+        tokens[implementation] = model("llama-gqa").generate(
+            input_ids=ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False,
+            cache_implementation="static",
+        )  # fmt: skip
+    assert torch.equal(tokens["fastformer"], tokens["eager"]), tokens
+    assert any(c["is_causal"] and c["key"][2] > c["query"][2] for c in sdpa_calls)
 
 
 @pytest.mark.parametrize("name", ["bart", "t5"])
