@@ -308,6 +308,31 @@ def test_encoder_layer_matches_torch(kind, norm_first, batch_first):
     _assert_same(theirs, ours, _seq(SRC, batch_first, 1), **kwargs)
 
 
+@pytest.mark.skipif(not HAS_INTERPRETER, reason="needs Triton's interpreter")
+def test_encoder_layer_through_triton_kernels(use_implementation):
+    """Attention and residual + LayerNorm as the Triton kernels run them (head dim 16)."""
+    use_implementation("cpu", "triton")
+    theirs, ours = _pair(
+        torch.nn.TransformerEncoderLayer,
+        fnn.TransformerEncoderLayer,
+        D_MODEL,
+        2,
+        FF,
+        dropout=0.0,
+        norm_first=True,
+    )
+    masks = _masks("causal_and_padding", SRC, SRC)
+    calls_before = sum(fastformer.info()["fallback_calls"].values())
+    _assert_same(
+        theirs,
+        ours,
+        _seq(SRC, False, 1),
+        src_mask=masks["attn_mask"],
+        src_key_padding_mask=masks["key_padding_mask"],
+    )
+    assert sum(fastformer.info()["fallback_calls"].values()) == calls_before
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("kind", ["none", "causal_hint_and_padding", "float_and_float_padding"])
