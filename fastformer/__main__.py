@@ -1,4 +1,5 @@
-"""The command line: `fastformer info` and `fastformer bench` (also `python -m fastformer`)."""
+"""The command line: `fastformer info`, `fastformer bench` and `fastformer train` (also
+`python -m fastformer`)."""
 
 from __future__ import annotations
 
@@ -72,10 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--full", action="store_true", help="the complete sweeps (slow)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--threads", type=int, help="CPU threads to pin (default 2)")
+    train = commands.add_parser(
+        "train",
+        help="train the Seq2SeqTransformer on a synthetic digit task (torchrun for DDP)",
+    )
+    from fastformer.models import train as training
+
+    training.add_arguments(train)
     args = parser.parse_args(argv)
 
     if args.command == "info":
         _print_info(args.json)
+        return 0
+    if args.command == "train":
+        training.run_command(args)
         return 0
     from fastformer_benchmarks import DEFAULT_OUT_DIR, SUITES, run
 

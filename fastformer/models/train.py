@@ -1,0 +1,402 @@
+"""Training the Seq2SeqTransformer on a synthetic digit task: `python -m fastformer train`.
+
+One process, or several under torchrun (DDP over gloo on CPU, nccl on CUDA). Every rank
+draws the same global batch from the same seed and trains on its contiguous share; the
+loss is normalised by the global batch's token count, so the averaged gradients, and the
+trained weights, equal those of one process on the whole batch.
+
+Writes to --out: checkpoint.pt (weights, model and training config, metrics), metrics.json
+and loss.png (loss curve and held-out exact-match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .backend import BACKENDS
+from .config import Seq2SeqConfig
+from .seq2seq import Seq2SeqTransformer
+from .tasks import TASKS, Batch, DigitTask
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "add_arguments",
+    "config_from_args",
+    "evaluate",
+    "load_checkpoint",
+    "train",
+]
+
+
+@dataclass
+class TrainConfig:
+    task: str = "reverse"
+    min_digits: int = 1
+    max_digits: int = 12
+    steps: int = 1500
+    batch_size: int = 128  # global, over all ranks
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2  # encoder layers and decoder layers each
+    dim_feedforward: int = 512
+    dropout: float = 0.0
+    backend: str = "fastformer"
+    seed: int = 0
+    eval_every: int = 250
+    eval_size: int = 500  # held-out strings for the periodic evaluation
+    test_size: int = 2000  # other held-out strings for the final exact-match
+    stop_at: float | None = None  # stop once the periodic exact-match reaches this
+    gradient_checkpointing: bool = False
+    autocast: bool = False  # bfloat16 autocast
+    compile: bool = False  # torch.compile(fullgraph=True) of the loss
+    threads: int | None = None
+    out: str = "runs/seq2seq"
+    progress: bool = True
+
+    def model_config(self, task: DigitTask) -> Seq2SeqConfig:
+        return Seq2SeqConfig(
+            vocab_size=task.vocab_size,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_encoder_layers=self.n_layers,
+            n_decoder_layers=self.n_layers,
+            dim_feedforward=self.dim_feedforward,
+            dropout=self.dropout,
+            max_len=task.max_len,
+            pad_id=task.pad_id,
+            bos_id=task.bos_id,
+            eos_id=task.eos_id,
+        )
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float  # training time, evaluations excluded
+    tokens_per_second: float
+    final_loss: float
+    exact_match: float  # on test_size held-out strings, greedy decoding
+    world_size: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+class _LossModule(nn.Module):
+    """The model's loss as a module's forward: what DDP and torch.compile wrap."""
+
+    def __init__(self, model: Seq2SeqTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, tgt: Tensor, normalizer: Tensor) -> Tensor:
+        return self.model.loss(src, tgt, normalizer=normalizer)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), joining the process group when torchrun started several."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+
+
+@torch.no_grad()
+def evaluate(model: Seq2SeqTransformer, task: DigitTask, batch: Batch, chunk: int = 500) -> float:
+    """Exact-match rate of greedy decoding (KV cache) on batch."""
+    correct = 0
+    for start in range(0, batch.src.shape[0], chunk):
+        src, tgt = batch.src[start : start + chunk], batch.tgt[start : start + chunk]
+        generated = model.generate(src, task.max_digits + 1)
+        correct += int(task.exact_match(generated, tgt).sum())
+    return correct / max(1, batch.src.shape[0])
+
+
+def _evaluate_everywhere(model: Seq2SeqTransformer, task: DigitTask, batch: Batch) -> float:
+    """Rank 0 evaluates; every rank gets its result (so all stop at the same step)."""
+    rank, world = _distributed()
+    value = torch.tensor([evaluate(model, task, batch) if rank == 0 else 0.0])
+    if world > 1:
+        dist.broadcast(value, src=0)
+    return float(value)
+
+
+def _progress(enabled: bool, steps: int):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]train[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tokens_per_s]:>9,.0f} tok/s"),
+        TextColumn("exact {task.fields[exact]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train, evaluate and (on rank 0) save; see the module docstring."""
+    rank, world = _distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {world} ranks")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = (
+        torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    task = DigitTask(config.task, config.min_digits, config.max_digits)
+    torch.manual_seed(config.seed)
+    model = Seq2SeqTransformer(config.model_config(task), backend=config.backend).to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    loss_module: nn.Module = _LossModule(model)
+    if config.compile:
+        loss_module = torch.compile(loss_module, fullgraph=True)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(loss_module)
+    optimizer = _optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    data = torch.Generator().manual_seed(config.seed + 1)  # the same batches on every rank
+    eval_set = task.held_out_set(config.eval_size, seed=config.seed + 2)
+    test_set = task.held_out_set(config.test_size, seed=config.seed + 3)
+    eval_set = Batch(eval_set.src.to(device), eval_set.tgt.to(device))
+    test_set = Batch(test_set.src.to(device), test_set.tgt.to(device))
+
+    history: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "exact": []}
+    seconds, tokens, step, loss_value = 0.0, 0, 0, float("nan")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
+    with _progress(config.progress and rank == 0, config.steps) as progress:
+        bar = None
+        if progress is not None:
+            bar = progress.add_task(
+                "train", total=config.steps, loss=0.0, tokens_per_s=0.0, exact="-"
+            )
+        model.train()
+        for step in range(1, config.steps + 1):
+            started = time.perf_counter()
+            batch = task.sample(config.batch_size, data)
+            src = batch.src.chunk(world)[rank].to(device)  # this rank's contiguous share
+            tgt = batch.tgt.chunk(world)[rank].to(device)
+            # Tokens the loss counts in the global batch, times the ranks DDP averages over.
+            normalizer = (batch.tgt[:, 1:] != task.pad_id).sum().to(device) / world
+            with autocast:
+                loss = loss_module(src, tgt, normalizer)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            seconds += time.perf_counter() - started
+            tokens += int((batch.src != task.pad_id).sum() + (batch.tgt != task.pad_id).sum())
+            loss_value = float(loss.detach()) if world == 1 else _global_loss(loss, world)
+            history["step"].append(step)
+            history["loss"].append(loss_value)
+            exact = None
+            if step % config.eval_every == 0 or step == config.steps:
+                exact = _evaluate_everywhere(model, task, eval_set)
+                model.train()
+                history["eval_step"].append(step)
+                history["exact"].append(exact)
+                if progress is not None:
+                    progress.console.print(
+                        f"step {step:>6}  loss {loss_value:.4f}  held-out exact-match "
+                        f"{exact:.2%}  {tokens / seconds:,.0f} tok/s  {seconds:.0f} s"
+                    )
+            if progress is not None and bar is not None:
+                fields: dict[str, Any] = {"loss": loss_value, "tokens_per_s": tokens / seconds}
+                if exact is not None:
+                    fields["exact"] = f"{exact:.1%}"
+                progress.update(bar, advance=1, **fields)
+            if exact is not None and config.stop_at is not None and exact >= config.stop_at:
+                break
+
+    exact_match = _evaluate_everywhere(model, task, test_set)
+    result = TrainResult(
+        steps=step,
+        seconds=seconds,
+        tokens_per_second=tokens / max(seconds, 1e-9),
+        final_loss=loss_value,
+        exact_match=exact_match,
+        world_size=world,
+        history=history,
+    )
+    if rank == 0:
+        _save(model, config, result)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _global_loss(loss: Tensor, world: int) -> float:
+    """The loss of the whole batch from the ranks' shares, each a sum over its tokens divided
+    by (global token count / world)."""
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+def _save(model: Seq2SeqTransformer, config: TrainConfig, result: TrainResult) -> None:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_config": model.config.to_dict(),
+            "train_config": asdict(config),
+            "result": summary,
+        },
+        out / "checkpoint.pt",
+    )
+    (out / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
+    _plot(result, out / "loss.png")
+
+
+def _plot(result: TrainResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = result.history
+    fig, loss_axis = plt.subplots(figsize=(8, 4.5))
+    loss_axis.plot(history["step"], history["loss"], color="tab:blue", alpha=0.35, lw=0.8)
+    smooth, average = [], None
+    for value in history["loss"]:
+        average = value if average is None else 0.95 * average + 0.05 * value
+        smooth.append(average)
+    loss_axis.plot(history["step"], smooth, color="tab:blue", label="training loss (EMA)")
+    loss_axis.set_yscale("log")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("cross-entropy per token", color="tab:blue")
+    exact_axis = loss_axis.twinx()
+    exact_axis.plot(history["eval_step"], history["exact"], "o-", color="tab:orange")
+    exact_axis.set_ylim(0, 1.02)
+    exact_axis.set_ylabel("held-out exact-match", color="tab:orange")
+    loss_axis.set_title(
+        f"{result.steps} steps, {result.seconds:.0f} s, {result.tokens_per_second:,.0f} tok/s, "
+        f"test exact-match {result.exact_match:.2%}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> Seq2SeqTransformer:
+    """The model saved by train() (in eval mode)."""
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: one option per TrainConfig field
+# ----------------------------------------------------------------------------------------
+
+_HELP = {
+    "task": "reverse, sort or copy digit strings",
+    "steps": "optimizer steps",
+    "batch_size": "global batch (split over torchrun's ranks)",
+    "backend": "fastformer, torch or reference",
+    "out": "folder for checkpoint.pt, metrics.json and loss.png",
+    "n_layers": "encoder layers and decoder layers (each)",
+    "stop_at": "stop once the periodic held-out exact-match reaches this fraction",
+    "gradient_checkpointing": "recompute each layer in backward (torch.utils.checkpoint)",
+    "autocast": "bfloat16 autocast",
+    "compile": "torch.compile(fullgraph=True) of the model and loss",
+    "threads": "torch.set_num_threads (torchrun sets 1 per rank by default)",
+    "progress": "show the progress bar",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--option for every TrainConfig field (--steps, --batch-size, --backend, ...)."""
+    for spec in fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default
+        help_text = _HELP.get(spec.name, "") + f" (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif spec.name in ("stop_at", "threads"):
+            kind = float if spec.name == "stop_at" else int
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+        else:
+            choices = None
+            if spec.name == "task":
+                choices = list(TASKS)
+            elif spec.name == "backend":
+                choices = list(BACKENDS)
+            parser.add_argument(
+                flag, type=type(default), default=default, choices=choices, help=help_text
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in fields(TrainConfig)})
+
+
+def run_command(args: argparse.Namespace) -> TrainResult:
+    """`fastformer train`: train, print the result on rank 0, leave the process group."""
+    result = train(config_from_args(args))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(
+            f"trained {result.steps} steps on {result.world_size} process(es) in "
+            f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); final loss "
+            f"{result.final_loss:.4f}; held-out exact-match {result.exact_match:.2%}; "
+            f"saved to {args.out}/"
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
