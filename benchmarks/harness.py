@@ -31,7 +31,9 @@ import torch
 
 from .device import DeviceInfo, Skip, one_line
 
-Mode = Literal["fwd", "bwd", "fwd+bwd"]
+# Op suites time "fwd", "bwd" and "fwd+bwd"; model suites a training step ("train") and an
+# inference forward ("infer").
+Mode = Literal["fwd", "bwd", "fwd+bwd", "train", "infer"]
 Status = Literal["ok", "skipped", "failed"]
 T = TypeVar("T")
 
@@ -296,6 +298,7 @@ class Case:
     params: dict[str, Any]  # rows, hidden, variant flags: used by targets, CSV and plots
     bytes: int | None = None  # bytes a perfect implementation must move (memory-bound ops)
     flops: int | None = None  # FLOPs it must do (compute-bound ops)
+    tokens: int | None = None  # tokens one call processes (models: throughput in tokens/s)
 
 
 @dataclass
@@ -304,7 +307,7 @@ class Measurement:
     status: Status
     reason: str | None = None
     timing: Timing | None = None
-    throughput: float | None = None  # GB/s (case.bytes) or TFLOP/s (case.flops)
+    throughput: float | None = None  # GB/s (bytes), TFLOP/s (flops) or tokens/s (tokens)
     unit: str | None = None
     share_of_peak: float | None = None  # of the measured copy bandwidth or matmul rate
     peak_memory_bytes: int | None = None
@@ -350,11 +353,13 @@ class Target:
     "speedup" of `provider` over `baseline` and "share_of_peak" (of the measured peak), one
     outcome per case, so that a threshold of 1.0 on "speedup" reads "never slower";
     "activation_memory", the baseline's activation memory over the provider's (1.0: no
-    more than the baseline), one outcome per case; "geomean_speedup", the geometric mean of
+    more than the baseline), one outcome per case; "peak_memory", the same ratio of peak
+    memory (Measurement.peak_memory_bytes: "at most 0.6x eager" is a threshold of 1 / 0.6);
+    "geomean_speedup", the geometric mean of
     the speedups of all matching cases, one outcome (undecided if any case lacks a ratio)."""
 
     name: str
-    kind: Literal["speedup", "share_of_peak", "activation_memory", "geomean_speedup"]
+    kind: Literal["speedup", "share_of_peak", "activation_memory", "peak_memory", "geomean_speedup"]
     threshold: float
     where: dict[str, Any]  # case fields, params or context (device, threads); list = any of
     provider: str = "fastformer"
@@ -406,17 +411,19 @@ class Target:
             return value, f"{self.provider} vs {self.baseline}: " + (
                 f"{value:.2f}x" if value is not None else self._why_missing(result)
             )
-        if self.kind == "activation_memory":
+        if self.kind in ("activation_memory", "peak_memory"):
             assert self.baseline is not None
+            field = f"{self.kind}_bytes"
+            label = self.kind.replace("_", " ")
             mine, theirs = (
-                m.activation_memory_bytes if m is not None and m.status == "ok" else None
+                getattr(m, field) if m is not None and m.status == "ok" else None
                 for m in (result.get(self.provider), result.get(self.baseline))
             )
             if mine is None or theirs is None:
-                return None, f"activation memory: {self._why_missing(result)}"
+                return None, f"{label}: {self._why_missing(result)}"
             value = theirs / mine if mine > 0 else (math.inf if theirs > 0 else 1.0)
             return value, (
-                f"activation memory {self.provider} {mine / 2**20:.1f} MiB, "
+                f"{label} {self.provider} {mine / 2**20:.1f} MiB, "
                 f"{self.baseline} {theirs / 2**20:.1f} MiB ({value:.2f}x)"
             )
         mine = result.get(self.provider)
@@ -564,6 +571,8 @@ def run_case(ctx: Context, case: Case, providers: Sequence[Provider]) -> Result:
             m.throughput, m.unit = case.flops / seconds / 1e12, "TFLOP/s"
             peak = ctx.peaks.matmul_tflops.get(case.dtype)
             m.share_of_peak = m.throughput / peak if peak else None
+        elif case.tokens is not None:  # no device peak to compare tokens/s with
+            m.throughput, m.unit = case.tokens / seconds, "tokens/s"
     steps.clear()
     _release(ctx.device)
     return Result(case, [measurements[p.name] for p in providers])

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .device import DeviceInfo
-from .harness import DevicePeaks, Result, TargetOutcome
+from .harness import Case, DevicePeaks, Result, TargetOutcome
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +55,12 @@ def _cell(result: Result, provider: str) -> str:
     return _ms(m.ms) if m.ms is not None else "[red]fail[/]"
 
 
+def _unit(case: Case) -> str:
+    if case.bytes is not None:
+        return "GB/s"
+    return "tokens/s" if case.tokens is not None else "TFLOP/s"
+
+
 def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
     subject, *baselines = run.providers
     # Baselines skipped in every case get no column; the reason is printed below instead.
@@ -66,9 +72,7 @@ def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
     dtypes = sorted({r.case.dtype for r in run.results})
     where = f"{device.name}, {device.threads} threads" if device.type == "cpu" else device.name
     table = Table(title=f"{run.title}: {where}" + (f", {dtypes[0]}" if len(dtypes) == 1 else ""))
-    units = "|".join(
-        sorted({"GB/s" if r.case.bytes is not None else "TFLOP/s" for r in run.results})
-    )
+    units = "|".join(sorted({_unit(r.case) for r in run.results}))
     for header in [
         "case",
         "mode",
@@ -102,17 +106,20 @@ def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
             _cell(result, subject),
             *(_cell(result, b) for b in shown),
             *speedups,
-            f"{mine.throughput:.1f}" if ok and mine.throughput is not None else "-",
+            f"{mine.throughput:.{0 if mine.unit == 'tokens/s' else 1}f}"
+            if ok and mine.throughput is not None
+            else "-",
             f"{mine.share_of_peak:.0%}" if ok and mine.share_of_peak is not None else "-",
             _mib(mine.peak_memory_bytes) if ok else "-",
             mark,
         )
     console.print(table)
     peaks = ", ".join(f"{d} matmul {v:.2f} TFLOP/s" for d, v in run.peaks.matmul_tflops.items())
-    console.print(
-        f"measured peaks: copy {run.peaks.copy_gbps:.1f} GB/s, {peaks}; "
-        f"'% peak' = {subject}'s GB/s over the copy bandwidth (TFLOP/s over matmul)"
-    )
+    if units != "tokens/s":  # a model's tokens/s has no device peak to be a share of
+        console.print(
+            f"measured peaks: copy {run.peaks.copy_gbps:.1f} GB/s, {peaks}; "
+            f"'% peak' = {subject}'s GB/s over the copy bandwidth (TFLOP/s over matmul)"
+        )
     reasons: dict[str, set[str]] = defaultdict(set)
     for result in run.results:
         for m in result.measurements:
@@ -257,7 +264,10 @@ def plot(out_dir: Path, device: DeviceInfo, run: SuiteRun) -> list[Path]:
                 unit = next((m.unit for r in results if (m := r.get(provider)) and m.unit), unit)
                 if points:
                     ax.plot(*zip(*points, strict=True), marker="o", label=provider)
-            peak = run.peaks.copy_gbps if unit == "GB/s" else run.peaks.matmul_tflops.get(dtype)
+            peak = {
+                "GB/s": run.peaks.copy_gbps,
+                "TFLOP/s": run.peaks.matmul_tflops.get(dtype),
+            }.get(unit)  # tokens/s: no device peak
             if peak:
                 ax.axhline(peak, linestyle="--", color="grey", label="measured peak")
             ax.set_xscale("log", base=2)

@@ -40,6 +40,7 @@ SUITES: dict[str, str] = {
     "layer_norm_residual": ".bench_layer_norm_residual",
     "attention": ".bench_attention",
     "feed_forward": ".bench_feed_forward",
+    "transformer": ".bench_transformer",
 }
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # CPU timings are pinned to this many threads (FASTFORMER_BENCH_THREADS overrides), so that

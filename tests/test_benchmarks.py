@@ -187,3 +187,50 @@ def test_geomean_and_activation_memory_targets():
     assert "2 fwd+bwd" in outcome.detail
     never_slower = Target("n", "speedup", 1.0, {"width": [1, 2, 3]}, baseline="eager")
     assert [o.passed for o in never_slower.evaluate(results, {})] == [True, None, True]
+
+
+@requires_extension
+def test_transformer_suite_runs_end_to_end(quick_run, monkeypatch):
+    from fastformer_benchmarks import bench_transformer as suite
+
+    monkeypatch.setattr(suite, "CPU_MODEL", suite.Model(32, 2, 1, 48))
+    monkeypatch.setattr(suite, "CPU_TOKENS", 46)
+    monkeypatch.setattr(suite, "CPU_LENGTHS", (23,))  # batch 2, an odd length
+    written, results = quick_run("transformer")
+    assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
+        ("2x23 d32 1+1", mode) for mode in ("train", "infer")
+    }
+    for result in results:
+        assert result["case"]["tokens"] == 2 * (23 + 23)  # batch x (src_len + tgt_len)
+        by_provider = {m["provider"]: m for m in result["measurements"]}
+        providers = ["fastformer", "eager", "fastformer (Seq2Seq)"]
+        if by_provider["torch.compile"]["status"] == "ok":  # skipped without a C++ compiler
+            providers.append("torch.compile")
+        for provider in providers:
+            m = by_provider[provider]
+            assert m["status"] == "ok", m["reason"]
+            assert m["timing"]["median_ms"] > 0
+            assert m["unit"] == "tokens/s"
+            assert m["share_of_peak"] is None
+            if provider != "torch.compile":
+                saved = m["activation_memory_bytes"]
+                assert (saved is not None) == (result["case"]["mode"] == "train")
+        assert {m["status"] for m in by_provider.values()} <= {"ok", "skipped"}
+    # The CPU target names 2 threads and the d_model 256 model: undecided in this run.
+    targets = written["suites"]["transformer"]["targets"]
+    assert [t["target"] for t in targets] == ["training step >= 1.2x eager"]
+    assert all(t["passed"] is None for t in targets)
+
+
+def test_peak_memory_target():
+    from fastformer_benchmarks.harness import Target
+
+    results = [_result("1", "train", {"fastformer": 1.0, "eager": 1.0})]
+    results[0].measurements[0].peak_memory_bytes = 50
+    results[0].measurements[1].peak_memory_bytes = 100
+    target = Target("p", "peak_memory", 1 / 0.6, {"mode": "train"}, baseline="eager")
+    [outcome] = target.evaluate(results, {})
+    assert outcome.measured == pytest.approx(2.0)  # eager's 100 over fastformer's 50
+    assert outcome.passed is True
+    results[0].measurements[0].peak_memory_bytes = 70  # 0.7x eager's
+    assert target.evaluate(results, {})[0].passed is False
