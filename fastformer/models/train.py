@@ -46,7 +46,7 @@ class TrainConfig:
     task: str = "reverse"
     min_digits: int = 1
     max_digits: int = 12
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 128  # global, over all ranks
     lr: float = 2e-3
     warmup: int = 100
@@ -59,7 +59,7 @@ class TrainConfig:
     dropout: float = 0.0
     backend: str = "fastformer"
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 100
     eval_size: int = 500  # held-out strings for the periodic evaluation
     test_size: int = 2000  # other held-out strings for the final exact-match
     stop_at: float | None = None  # stop once the periodic exact-match reaches this
