@@ -1,6 +1,6 @@
 """fastformer: fused Triton and C++/CUDA kernels for PyTorch Transformers."""
 
-from . import backend, nn, reference
+from . import backend, models, nn, reference
 from ._extension import ExtensionNotBuiltError
 from .backend import empty_cpu_cache, info, set_triton_on_cpu, triton_on_cpu
 from .integrations import enable_transformers, patch_sdpa, unpatch_sdpa
@@ -18,6 +18,7 @@ __all__ = [
     "flash_attn_func",
     "info",
     "layer_norm_residual",
+    "models",
     "nn",
     "patch_sdpa",
     "reference",
