@@ -271,17 +271,15 @@ def test_cache_fed_several_tokens_at_a_time():
     """Prefill chunks of several tokens after cached ones (the bottom-right causal mask)."""
     model = _model().eval()
     src, tgt = _batch(tgt_len=9)
-    kernels = model_backend.get_kernels(model.backend)
-    src_mask = model.source_mask(src)
     with torch.no_grad():
         memory = model.encode(src)
-        full = model._decode(tgt, memory, src_mask, kernels)
+        full = model.decode(tgt, memory, src)
         cache = model.make_cache(memory, capacity=9)
-        chunks = [model._decode(part, None, src_mask, kernels, cache) for part in tgt.split(4, 1)]
+        chunks = [model.decode(part, None, src, cache) for part in tgt.split(4, dim=1)]
     assert cache.length == 9
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="capacity"), torch.no_grad():
-        model._decode(tgt[:, :1], None, src_mask, kernels, cache)
+        model.decode(tgt[:, :1], None, src, cache)
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,3 +330,5 @@ def test_autocast_bfloat16_trains(backend):
     loss.backward()
     torch.testing.assert_close(loss.detach(), full, rtol=0.03, atol=0.03)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache takes the bfloat16 keys
+        assert model.generate(src, 8).shape[0] == src.shape[0]

@@ -13,32 +13,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 __all__ = ["DecoderCache", "KVCache", "LayerCache"]
 
 
 class KVCache:
-    """Self-attention keys and values of one layer, filled position by position."""
+    """Self-attention keys and values of one layer, filled position by position.
 
-    def __init__(
-        self,
-        batch: int,
-        heads: int,
-        capacity: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self.key = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
-        self.value = torch.empty_like(self.key)
+    The buffers are allocated at the first append, in the dtype and on the device of the
+    keys given (under autocast, the projections' dtype rather than the parameters').
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.key: Tensor | None = None  # (B, H, capacity, Dh)
+        self.value: Tensor | None = None
         self.length = 0  # positions filled so far
-
-    @property
-    def capacity(self) -> int:
-        return self.key.shape[-2]
 
     def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store key, value (B, H, L, Dh) at the next L positions; return the keys and values
@@ -46,6 +37,10 @@ class KVCache:
         start, end = self.length, self.length + key.shape[-2]
         if end > self.capacity:
             raise ValueError(f"KVCache: {end} positions exceed its capacity of {self.capacity}")
+        if self.key is None or self.value is None:
+            batch, heads, _, head_dim = key.shape
+            self.key = key.new_empty(batch, heads, self.capacity, head_dim)
+            self.value = value.new_empty(batch, heads, self.capacity, value.shape[-1])
         self.key[:, :, start:end] = key
         self.value[:, :, start:end] = value
         self.length = end

@@ -119,6 +119,15 @@ class Seq2SeqTransformer(nn.Module):
         """src (B, S) token ids -> the encoder output (B, S, D)."""
         return self._encode(src, self.source_mask(src), get_kernels(self.backend))
 
+    def decode(
+        self, tgt: Tensor, memory: Tensor | None, src: Tensor, cache: DecoderCache | None = None
+    ) -> Tensor:
+        """The decoder's final hidden states (B, L, D) for tgt (B, L), over the encoder output
+        memory (B, S, D) of src (B, S). With a cache (make_cache), tgt holds only the tokens
+        after those already cached (memory may be None), and the cache takes them in."""
+        kernels = get_kernels(self.backend)
+        return self._decode(tgt, memory, self.source_mask(src), kernels, cache)
+
     # ------------------------------------------------------------------------------------
     # Training: logits and loss
     # ------------------------------------------------------------------------------------
@@ -156,19 +165,12 @@ class Seq2SeqTransformer(nn.Module):
     def make_cache(self, memory: Tensor, capacity: int) -> DecoderCache:
         """An empty decoder cache for `capacity` positions, with the cross-attention keys and
         values of memory (B, S, D) projected once."""
-        batch = memory.shape[0]
-        layers = []
-        for layer in self.decoder:
-            kv = KVCache(
-                batch,
-                self.config.n_heads,
-                capacity,
-                self.config.head_dim,
-                dtype=memory.dtype,
-                device=memory.device,
-            )
-            layers.append(LayerCache(kv, layer.cross_attn.project_memory(memory)))
-        return DecoderCache(layers)
+        return DecoderCache(
+            [
+                LayerCache(KVCache(capacity), layer.cross_attn.project_memory(memory))
+                for layer in self.decoder
+            ]
+        )
 
     @torch.no_grad()
     def generate(
