@@ -211,7 +211,6 @@ def train(config: TrainConfig) -> TrainResult:
 
     history: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "exact": []}
     seconds, tokens, step, loss_value = 0.0, 0, 0, float("nan")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
     with _progress(config.progress and rank == 0, config.steps) as progress:
         bar = None
         if progress is not None:
@@ -222,20 +221,10 @@ def train(config: TrainConfig) -> TrainResult:
         for step in range(1, config.steps + 1):
             started = time.perf_counter()
             batch = task.sample(config.batch_size, data)
-            src = batch.src.chunk(world)[rank].to(device)  # this rank's contiguous share
-            tgt = batch.tgt.chunk(world)[rank].to(device)
-            # Tokens the loss counts in the global batch, times the ranks DDP averages over.
-            normalizer = (batch.tgt[:, 1:] != task.pad_id).sum().to(device) / world
-            with autocast:
-                loss = loss_module(src, tgt, normalizer)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_value = _train_step(loss_module, optimizer, batch, task.pad_id, config, device)
             schedule.step()
             seconds += time.perf_counter() - started
             tokens += int((batch.src != task.pad_id).sum() + (batch.tgt != task.pad_id).sum())
-            loss_value = float(loss.detach()) if world == 1 else _global_loss(loss, world)
             history["step"].append(step)
             history["loss"].append(loss_value)
             exact = None
@@ -272,6 +261,32 @@ def train(config: TrainConfig) -> TrainResult:
     if world > 1:
         dist.barrier()
     return result
+
+
+def _train_step(
+    loss_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    pad_id: int,
+    config: TrainConfig,
+    device: torch.device,
+) -> float:
+    """One optimizer step on this rank's share of the global batch; returns the loss of the
+    whole global batch."""
+    rank, world = _distributed()
+    src = batch.src.chunk(world)[rank].to(device)  # this rank's contiguous share
+    tgt = batch.tgt.chunk(world)[rank].to(device)
+    # Each rank divides its sum of token losses by (the global batch's token count / world):
+    # DDP's average of the ranks' gradients is then the gradient of the global mean.
+    normalizer = (batch.tgt[:, 1:] != pad_id).sum().to(device) / world
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast):
+        loss = loss_module(src, tgt, normalizer)
+    loss.backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()) if world == 1 else _global_loss(loss, world)
 
 
 def _global_loss(loss: Tensor, world: int) -> float:
