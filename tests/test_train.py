@@ -124,10 +124,12 @@ def test_train_command_writes_checkpoint_metrics_and_plot(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_ddp_two_processes_equal_one_process(tmp_path):
-    """3 steps on 2 gloo ranks (torchrun) leave the weights of 3 steps in one process on the
-    same global batch; dropout off, since each rank draws its own masks."""
-    config = dict(TINY, steps=3, seed=5, eval_every=100)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one_process(tmp_path, fsdp):
+    """3 steps on 2 gloo ranks (torchrun; DDP, or FSDP2's fully_shard) leave the weights of
+    3 steps in one process on the same global batch; dropout off, since each rank draws its
+    own masks. An evaluation mid-way gathers FSDP's shards."""
+    config = dict(TINY, steps=3, seed=5, eval_every=2, fsdp=fsdp)
     single = train(TrainConfig(**config, out=str(tmp_path / "single")))
     torchrun = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2"]
     command = [*torchrun, "-m", "fastformer", "train", "--out", str(tmp_path / "ddp")]

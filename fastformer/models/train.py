@@ -1,9 +1,10 @@
 """Training the Seq2SeqTransformer on a synthetic digit task: `python -m fastformer train`.
 
-One process, or several under torchrun (DDP over gloo on CPU, nccl on CUDA). Every rank
-draws the same global batch from the same seed and trains on its contiguous share; the
-loss is normalised by the global batch's token count, so the averaged gradients, and the
-trained weights, equal those of one process on the whole batch.
+One process, or several under torchrun (gloo on CPU, nccl on CUDA) with DDP, or with FSDP2
+(--fsdp: fully_shard per layer and at the root, parameters, gradients and optimizer state
+sharded). Every rank draws the same global batch from the same seed and trains on its
+contiguous share; the loss is normalised by the global batch's token count, so the averaged
+gradients, and the trained weights, equal those of one process on the whole batch.
 
 Writes to --out: checkpoint.pt (weights, model and training config, metrics), metrics.json
 and loss.png (loss curve and held-out exact-match).
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class TrainConfig:
     eval_size: int = 500  # held-out strings for the periodic evaluation
     test_size: int = 2000  # other held-out strings for the final exact-match
     stop_at: float | None = None  # stop once the periodic exact-match reaches this
+    fsdp: bool = False  # with several ranks: FSDP2 (fully_shard) instead of DDP
     gradient_checkpointing: bool = False
     autocast: bool = False  # bfloat16 autocast
     compile: bool = False  # torch.compile(fullgraph=True) of the loss
@@ -147,9 +150,32 @@ def evaluate(model: Seq2SeqTransformer, task: DigitTask, batch: Batch, chunk: in
     return correct / max(1, batch.src.shape[0])
 
 
+def _full_state_dict(model: Seq2SeqTransformer) -> dict[str, Tensor]:
+    """The model's weights, whole: FSDP's shards gathered (a collective: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: value.full_tensor() if isinstance(value, DTensor) else value
+        for name, value in model.state_dict().items()
+    }
+
+
+def _unsharded(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
+    """The model itself, or under FSDP a plain copy with the gathered weights (collective),
+    for generate(), which calls sub-modules outside the forwards FSDP hooks into."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model
+    copy = Seq2SeqTransformer(model.config, backend=model.backend)
+    copy.load_state_dict(_full_state_dict(model))
+    return copy.to(next(model.parameters()).device)
+
+
 def _evaluate_everywhere(model: Seq2SeqTransformer, task: DigitTask, batch: Batch) -> float:
     """Rank 0 evaluates; every rank gets its result (so all stop at the same step)."""
     rank, world = _distributed()
+    model = _unsharded(model)
     value = torch.tensor([evaluate(model, task, batch) if rank == 0 else 0.0])
     if world > 1:
         dist.broadcast(value, src=0)
@@ -199,7 +225,15 @@ def train(config: TrainConfig) -> TrainResult:
     loss_module: nn.Module = _LossModule(model)
     if config.compile:
         loss_module = torch.compile(loss_module, fullgraph=True)
-    if world > 1:
+    if world > 1 and config.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # The layers return views (of the fused norm's output); nothing modifies them in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        for layer in [*model.encoder, *model.decoder]:
+            fully_shard(layer)
+        fully_shard(model)  # the rest: embeddings, final norms
+    elif world > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module)
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
@@ -256,8 +290,9 @@ def train(config: TrainConfig) -> TrainResult:
         world_size=world,
         history=history,
     )
+    weights = _full_state_dict(model)
     if rank == 0:
-        _save(model, config, result)
+        _save(weights, model.config, config, result)
     if world > 1:
         dist.barrier()
     return result
@@ -297,14 +332,19 @@ def _global_loss(loss: Tensor, world: int) -> float:
     return float(total) / world
 
 
-def _save(model: Seq2SeqTransformer, config: TrainConfig, result: TrainResult) -> None:
+def _save(
+    weights: dict[str, Tensor],
+    model_config: Seq2SeqConfig,
+    config: TrainConfig,
+    result: TrainResult,
+) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     torch.save(
         {
-            "model": model.state_dict(),
-            "model_config": model.config.to_dict(),
+            "model": weights,
+            "model_config": model_config.to_dict(),
             "train_config": asdict(config),
             "result": summary,
         },
@@ -371,6 +411,7 @@ _HELP = {
     "compile": "torch.compile(fullgraph=True) of the model and loss",
     "threads": "torch.set_num_threads (torchrun sets 1 per rank by default)",
     "progress": "show the progress bar",
+    "fsdp": "under torchrun: shard with FSDP2 (fully_shard) instead of DDP",
 }
 
 
