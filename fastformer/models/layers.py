@@ -72,9 +72,8 @@ class SelfAttention(nn.Module):
         length = q.shape[-2]
         if causal and past > 0 and length > 1:
             # New queries past + i see keys j <= past + i: a causal mask aligned bottom-right.
-            attn_mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(
-                past
-            )
+            visible = torch.ones(length, past + length, dtype=torch.bool, device=x.device)
+            attn_mask = visible.tril(past)  # (L, past + L)
         # A single new query with a cache sees every key so far: no mask at all.
         dropout_p = self.dropout if self.training else 0.0
         out = kernels.attention(q, k, v, attn_mask, dropout_p, is_causal)  # (B, H, L, Dh)
