@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,26 @@ class _TransformerLayer(torch.nn.Module):
             training=self.training,
         )
 
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module) -> Self:
+        """This layer on `module`'s (a torch.nn TransformerEncoderLayer or
+        TransformerDecoderLayer) own submodules and Parameters (shared, not copied)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the activation is checked again below
+            new = cls(
+                module.linear1.in_features,
+                module.self_attn.num_heads,
+                module.linear1.out_features,
+                activation=module.activation,
+                batch_first=module.self_attn.batch_first,
+                norm_first=module.norm_first,
+                device="meta",
+            )
+        new._copy_children(module)
+        new.activation = module.activation
+        new._set_fused_activation()
+        return new
+
     def _copy_children(self, module: torch.nn.Module) -> None:
         """Take `module`'s submodules (the same objects; torch.nn's MultiheadAttention and
         LayerNorm become fastformer's, sharing their Parameters) and training flag."""
@@ -208,25 +228,6 @@ class TransformerEncoderLayer(_TransformerLayer):
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
         self.dropout1 = torch.nn.Dropout(dropout)
         self.dropout2 = torch.nn.Dropout(dropout)
-
-    @classmethod
-    def from_torch(cls, module: torch.nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
-        """This layer on `module`'s own submodules and Parameters (shared, not copied)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the activation is checked again below
-            new = cls(
-                module.linear1.in_features,
-                module.self_attn.num_heads,
-                module.linear1.out_features,
-                activation=module.activation,
-                batch_first=module.self_attn.batch_first,
-                norm_first=module.norm_first,
-                device="meta",
-            )
-        new._copy_children(module)
-        new.activation = module.activation
-        new._set_fused_activation()
-        return new
 
     def forward(
         self,
@@ -318,25 +319,6 @@ class TransformerDecoderLayer(_TransformerLayer):
         self.dropout1 = torch.nn.Dropout(dropout)
         self.dropout2 = torch.nn.Dropout(dropout)
         self.dropout3 = torch.nn.Dropout(dropout)
-
-    @classmethod
-    def from_torch(cls, module: torch.nn.TransformerDecoderLayer) -> TransformerDecoderLayer:
-        """This layer on `module`'s own submodules and Parameters (shared, not copied)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the activation is checked again below
-            new = cls(
-                module.linear1.in_features,
-                module.self_attn.num_heads,
-                module.linear1.out_features,
-                activation=module.activation,
-                batch_first=module.self_attn.batch_first,
-                norm_first=module.norm_first,
-                device="meta",
-            )
-        new._copy_children(module)
-        new.activation = module.activation
-        new._set_fused_activation()
-        return new
 
     def forward(
         self,
