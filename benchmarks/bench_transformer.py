@@ -126,8 +126,10 @@ def _cases(ctx: Context) -> list[Case]:
                 name = f"{batch}x{length} d{model.d_model} {model.layers}+{model.layers}" + (
                     "" if norm_first else " post-norm"
                 )
+                # Not the batch, which changes with the length: the plots' panels group
+                # cases by every param but the length.
                 params = {
-                    "batch": batch,
+                    "batch_x_length": per_side,
                     "length": length,
                     "d_model": model.d_model,
                     "heads": model.heads,
@@ -139,6 +141,10 @@ def _cases(ctx: Context) -> list[Case]:
                 tokens = batch * 2 * length  # src_len + tgt_len per sequence
                 cases.append(Case(OP, name, dtype_name(dtype), mode, params, tokens=tokens))
     return cases
+
+
+def _batch(case: Case) -> int:
+    return max(1, case.params["batch_x_length"] // case.params["length"])
 
 
 # ----------------------------------------------------------------------------- models
@@ -208,7 +214,7 @@ class _Inputs:
 
 
 def _embedding_sets(ctx: Context, case: Case) -> list[_Inputs]:
-    batch, length, d_model = case.params["batch"], case.params["length"], case.params["d_model"]
+    batch, length, d_model = _batch(case), case.params["length"], case.params["d_model"]
     dtype = getattr(torch, case.dtype)
     set_bytes = 2 * batch * length * d_model * dtype.itemsize
 
@@ -219,7 +225,7 @@ def _embedding_sets(ctx: Context, case: Case) -> list[_Inputs]:
 
 
 def _token_sets(ctx: Context, case: Case, count: int) -> list[_Inputs]:
-    batch, length = case.params["batch"], case.params["length"]
+    batch, length = _batch(case), case.params["length"]
 
     def ids() -> torch.Tensor:  # above pad, BOS and EOS (0, 1, 2): no padding anywhere
         return torch.randint(3, SEQ2SEQ_VOCAB, (batch, length), device=ctx.device)
@@ -350,7 +356,7 @@ def _targets(ctx: Context) -> list[Target]:
             "mode": "train",
             "d_model": CPU_MODEL.d_model,
             "layers": CPU_MODEL.layers,
-            "batch": 2,
+            "batch_x_length": CPU_TOKENS,
             "length": 512,
             "norm_first": True,
             "dropout": 0.0,
