@@ -2,6 +2,7 @@
 // call from its name, shared by the CPU and CUDA implementations.
 #pragma once
 
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <string_view>
@@ -26,6 +27,24 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "geglu") return {ActivationKind::kGelu, true};
   TORCH_CHECK(false, "feed_forward: activation must be one of relu, gelu, gelu_tanh, silu, ",
               "swiglu, geglu; got '", name, "'");
+}
+
+// The sizes of one call: x (M, K), w1 (H1, K), w2 (N, H), with H1 = 2H for gated activations.
+struct FeedForwardSizes {
+  int64_t M, K, H, H1, N;
+};
+
+// Checks that the 2-D shapes of x, w1 and w2 chain (the caller has checked their ranks).
+inline FeedForwardSizes check_feed_forward_sizes(const Activation& act, c10::IntArrayRef x,
+                                                 c10::IntArrayRef w1, c10::IntArrayRef w2) {
+  const int64_t H1 = w1[0];
+  TORCH_CHECK(w1[1] == x[1], "feed_forward: w1 must have shape [hidden, ", x[1],
+              "] (x's feature size), got ", w1);
+  TORCH_CHECK(!act.gated || H1 % 2 == 0, "feed_forward: a gated activation needs w1 with an ",
+              "even number of rows (gate, then up), got ", w1);
+  const int64_t H = act.gated ? H1 / 2 : H1;
+  TORCH_CHECK(w2[1] == H, "feed_forward: w2 must have shape [out_features, ", H, "], got ", w2);
+  return {x[0], x[1], H, H1, w2[0]};
 }
 
 // Calls f(std::integral_constant<ActivationKind, kind>{}), so kernels are compiled once per

@@ -279,15 +279,8 @@ std::pair<Shape, Activation> check_operands(const Tensor& x, const Tensor& w1, c
   check_matrix(x, dtype, "x");
   check_matrix(w1, dtype, "w1");
   check_matrix(w2, dtype, "w2");
-  const int64_t H1 = w1.size(0);
-  TORCH_CHECK(w1.size(1) == x.size(1), kOp, ": w1 must have shape [hidden, ", x.size(1),
-              "] (x's feature size), got ", w1.sizes());
-  TORCH_CHECK(!act.gated || H1 % 2 == 0, kOp, ": a gated activation needs w1 with an even ",
-              "number of rows (gate, then up), got ", w1.sizes());
-  const int64_t H = act.gated ? H1 / 2 : H1;
-  TORCH_CHECK(w2.size(1) == H, kOp, ": w2 must have shape [out_features, ", H, "], got ",
-              w2.sizes());
-  return {Shape{x.size(0), H, H1}, act};
+  const FeedForwardSizes sizes = check_feed_forward_sizes(act, x.sizes(), w1.sizes(), w2.sizes());
+  return {Shape{sizes.M, sizes.H, sizes.H1}, act};
 }
 
 Tensor new_buffer(int64_t rows, int64_t cols, ScalarType dtype) {

@@ -127,15 +127,8 @@ Problem check_operands(const Tensor& x, const Tensor& w1, const Tensor& w2,
   check_matrix(x, x, "x");
   check_matrix(w1, x, "w1");
   check_matrix(w2, x, "w2");
-  const int64_t H1 = w1.size(0);
-  TORCH_CHECK(w1.size(1) == x.size(1), kOp, ": w1 must have shape [hidden, ", x.size(1),
-              "], got ", w1.sizes());
-  TORCH_CHECK(!act.gated || H1 % 2 == 0, kOp, ": a gated activation needs w1 with an even ",
-              "number of rows (gate, then up), got ", w1.sizes());
-  const int64_t H = act.gated ? H1 / 2 : H1;
-  TORCH_CHECK(w2.size(1) == H, kOp, ": w2 must have shape [out_features, ", H, "], got ",
-              w2.sizes());
-  return {act, {x.size(0), H, H1}, x.size(1), w2.size(0)};
+  const FeedForwardSizes sizes = check_feed_forward_sizes(act, x.sizes(), w1.sizes(), w2.sizes());
+  return {act, {sizes.M, sizes.H, sizes.H1}, sizes.K, sizes.N};
 }
 
 // b1 / b2 as a contiguous (n,) tensor, or nullopt.
