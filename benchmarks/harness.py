@@ -16,13 +16,14 @@ turns the results into a table, JSON, CSV and plots. Rules (docs: DESIGN.md, Ben
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import gc
 import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -120,17 +121,20 @@ def measure_side_by_side(
     finally:
         if gc_was_enabled:
             gc.enable()
-    timings = {}
-    for name, values in samples.items():
-        values.sort()
-        timings[name] = Timing(
-            _quantile(values, 0.5),
-            _quantile(values, 0.2),
-            _quantile(values, 0.8),
-            len(values),
-            f"time.perf_counter, interleaved rounds, {inner[name]} call(s) per sample",
+    return {
+        name: timing_of_samples(
+            values, f"time.perf_counter, interleaved rounds, {inner[name]} call(s) per sample"
         )
-    return timings
+        for name, values in samples.items()
+    }
+
+
+def timing_of_samples(samples_ms: Sequence[float], method: str) -> Timing:
+    """Median, p20 and p80 of timed samples (ms)."""
+    values = sorted(samples_ms)
+    return Timing(
+        _quantile(values, 0.5), _quantile(values, 0.2), _quantile(values, 0.8), len(values), method
+    )
 
 
 def measure(fn: Callable[[], Any], *, device: torch.device, budget_s: float = 2.0) -> Timing:
@@ -531,48 +535,82 @@ def _oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def warm_up(ctx: Context, provider: Provider, m: Measurement) -> Callable[[], Any] | None:
+    """Build `provider` and make its first call (compilation, autotuning, lazy set-up),
+    recording the time in `m.warmup_s`; returns the step to time, or None after recording
+    in `m` why the provider is skipped or failed."""
+    start = time.perf_counter()
+    try:
+        step = provider.build()
+        step()
+        _sync(ctx.device)
+    except Skip as reason:
+        m.status, m.reason = "skipped", str(reason)
+        return None
+    except Exception as error:
+        skip = provider.skip_on_error is not None and not _oom(error)
+        m.status = "skipped" if skip else "failed"
+        m.reason = (f"{provider.skip_on_error}: " if skip else "") + one_line(error)
+        _release(ctx.device)
+        return None
+    m.warmup_s = time.perf_counter() - start
+    return step
+
+
+def record_timing(ctx: Context, case: Case, m: Measurement, timing: Timing) -> None:
+    """Store `timing` in `m` with the throughput it means and its share of the peaks."""
+    m.timing = timing
+    seconds = timing.median_ms * 1e-3
+    if case.bytes is not None:
+        m.throughput, m.unit = case.bytes / seconds / 1e9, "GB/s"
+        m.share_of_peak = m.throughput / ctx.peaks.copy_gbps
+    elif case.flops is not None:
+        m.throughput, m.unit = case.flops / seconds / 1e12, "TFLOP/s"
+        peak = ctx.peaks.matmul_tflops.get(case.dtype)
+        m.share_of_peak = m.throughput / peak if peak else None
+    elif case.tokens is not None:  # no device peak to compare tokens/s with
+        m.throughput, m.unit = case.tokens / seconds, "tokens/s"
+
+
+# How a case's providers are timed: side by side (below), or by pytest-benchmark
+# (benchmarks/test_suites.py), which installs its own runner with `case_runner`.
+CaseRunner = Callable[[Context, Case, Sequence[Provider]], Result]
+_case_runner: contextvars.ContextVar[CaseRunner | None] = contextvars.ContextVar(
+    "case_runner", default=None
+)
+
+
+@contextlib.contextmanager
+def case_runner(runner: CaseRunner) -> Iterator[None]:
+    """Within this block, `run_case` hands every case to `runner`."""
+    token = _case_runner.set(runner)
+    try:
+        yield
+    finally:
+        _case_runner.reset(token)
+
+
 def run_case(ctx: Context, case: Case, providers: Sequence[Provider]) -> Result:
     """Build and warm up every provider, time them side by side, then measure peak memory.
     A provider that cannot run is recorded as skipped or failed, never fatal."""
+    runner = _case_runner.get()
+    if runner is not None:
+        return runner(ctx, case, providers)
     measurements = {p.name: Measurement(p.name, "ok") for p in providers}
     steps: dict[str, Callable[[], Any]] = {}
     for provider in providers:
-        m = measurements[provider.name]
-        start = time.perf_counter()
-        try:
-            step = provider.build()
-            step()  # first call: compilation, autotuning, lazy initialisation
-            _sync(ctx.device)
-        except Skip as reason:
-            m.status, m.reason = "skipped", str(reason)
-            continue
-        except Exception as error:
-            skip = provider.skip_on_error is not None and not _oom(error)
-            m.status = "skipped" if skip else "failed"
-            m.reason = (f"{provider.skip_on_error}: " if skip else "") + one_line(error)
-            _release(ctx.device)
-            continue
-        m.warmup_s = time.perf_counter() - start
-        steps[provider.name] = step
+        step = warm_up(ctx, provider, measurements[provider.name])
+        if step is not None:
+            steps[provider.name] = step
     for name, timing in measure_side_by_side(
         steps, device=ctx.device, budget_s=ctx.budget_s
     ).items():
         m = measurements[name]
-        m.timing = timing
+        record_timing(ctx, case, m, timing)
         try:
             m.peak_memory_bytes = peak_memory(steps[name], ctx.device)
         except RuntimeError:  # out of memory with its outputs: keep the timing anyway
             _release(ctx.device)
-        seconds = timing.median_ms * 1e-3
-        if case.bytes is not None:
-            m.throughput, m.unit = case.bytes / seconds / 1e9, "GB/s"
-            m.share_of_peak = m.throughput / ctx.peaks.copy_gbps
-        elif case.flops is not None:
-            m.throughput, m.unit = case.flops / seconds / 1e12, "TFLOP/s"
-            peak = ctx.peaks.matmul_tflops.get(case.dtype)
-            m.share_of_peak = m.throughput / peak if peak else None
-        elif case.tokens is not None:  # no device peak to compare tokens/s with
-            m.throughput, m.unit = case.tokens / seconds, "tokens/s"
     steps.clear()
     _release(ctx.device)
     return Result(case, [measurements[p.name] for p in providers])

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .device import DeviceInfo
-from .harness import Case, DevicePeaks, Result, TargetOutcome
+from .harness import Case, DevicePeaks, Measurement, Result, TargetOutcome, Timing
 
 SCHEMA_VERSION = 1
 
@@ -48,11 +48,17 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def _cell(result: Result, provider: str) -> str:
+@dataclass
+class Cell:
+    text: str
+    style: str | None = None  # rich style; Markdown drops it
+
+
+def _time_cell(result: Result, provider: str) -> Cell:
     m = result.get(provider)
     if m is None or m.status == "skipped":
-        return "[dim]skip[/]"
-    return _ms(m.ms) if m.ms is not None else "[red]fail[/]"
+        return Cell("skip", "dim")
+    return Cell(_ms(m.ms)) if m.ms is not None else Cell("fail", "red")
 
 
 def _unit(case: Case) -> str:
@@ -61,78 +67,148 @@ def _unit(case: Case) -> str:
     return "tokens/s" if case.tokens is not None else "TFLOP/s"
 
 
-def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
-    subject, *baselines = run.providers
-    # Baselines skipped in every case get no column; the reason is printed below instead.
-    shown = [
+def _shown_baselines(run: SuiteRun) -> list[str]:
+    """Baselines that ran in some case: one skipped in every case gets no column (the
+    reason is listed under the table instead)."""
+    return [
         b
-        for b in baselines
+        for b in run.providers[1:]
         if any(m is not None and m.status != "skipped" for m in (r.get(b) for r in run.results))
     ]
+
+
+def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
+    """The suite's table, the same for the terminal and the README: per case the subject's
+    median time, each baseline's, the speedups, the subject's throughput, share of the
+    measured peak, peak memory, activation memory (subject / first baseline) where
+    measured, and a mark where the subject is slower than the best baseline."""
+    subject = run.providers[0]
+    shown = _shown_baselines(run)
     dtypes = sorted({r.case.dtype for r in run.results})
-    where = f"{device.name}, {device.threads} threads" if device.type == "cpu" else device.name
-    table = Table(title=f"{run.title}: {where}" + (f", {dtypes[0]}" if len(dtypes) == 1 else ""))
-    units = "|".join(sorted({_unit(r.case) for r in run.results}))
-    for header in [
+    with_activation = any(
+        m.activation_memory_bytes is not None for r in run.results for m in r.measurements
+    )
+    headers = [
         "case",
         "mode",
         *(["dtype"] if len(dtypes) > 1 else []),
         f"{subject} ms",
         *(f"{b} ms" for b in shown),
         *(f"vs {b}" for b in shown),
-        units,
+        "|".join(sorted({_unit(r.case) for r in run.results})),
         "% peak",
         "peak MiB",
+        *(
+            [f"activation MiB ({subject}" + (f" / {shown[0]})" if shown else ")")]
+            if with_activation
+            else []
+        ),
         "",
-    ]:
-        table.add_column(header, justify="left" if header in ("case", "mode", "") else "right")
+    ]
+    rows = []
     for result in run.results:
         mine = result.get(subject)
+        ok = mine is not None and mine.status == "ok"
         speedups = []
         for b in shown:
             x = result.speedup(subject, b)
-            speedups.append("-" if x is None else f"[{'green' if x >= 1 else 'red'}]{x:.2f}x[/]")
-        ok = mine is not None and mine.status == "ok"
+            speedups.append(
+                Cell("-") if x is None else Cell(f"{x:.2f}x", "green" if x >= 1 else "red")
+            )
         baseline_ms = {b: m.ms for b in shown if (m := result.get(b)) and m.ms is not None}
-        mark = ""
+        mark = Cell("")
         if not ok:
-            mark = f"[red]{subject} {mine.status if mine else 'missing'}[/]"
+            mark = Cell(f"{subject} {mine.status if mine else 'missing'}", "red")
         elif baseline_ms and mine.ms > min(baseline_ms.values()):
-            mark = f"[bold red]<< slower than {min(baseline_ms, key=baseline_ms.get)}[/]"
-        table.add_row(
-            result.case.name,
-            result.case.mode,
-            *([result.case.dtype] if len(dtypes) > 1 else []),
-            _cell(result, subject),
-            *(_cell(result, b) for b in shown),
-            *speedups,
-            f"{mine.throughput:.{0 if mine.unit == 'tokens/s' else 1}f}"
-            if ok and mine.throughput is not None
-            else "-",
-            f"{mine.share_of_peak:.0%}" if ok and mine.share_of_peak is not None else "-",
-            _mib(mine.peak_memory_bytes) if ok else "-",
-            mark,
+            mark = Cell(f"<< slower than {min(baseline_ms, key=baseline_ms.get)}", "bold red")
+        activation = []
+        if with_activation:
+            sides = [result.get(name) for name in [subject, *shown[:1]]]
+            saved = [m.activation_memory_bytes if m else None for m in sides]
+            text = " / ".join(_mib(b) for b in saved) if any(b is not None for b in saved) else "-"
+            activation = [Cell(text)]
+        rows.append(
+            [
+                Cell(result.case.name),
+                Cell(result.case.mode),
+                *([Cell(result.case.dtype)] if len(dtypes) > 1 else []),
+                _time_cell(result, subject),
+                *(_time_cell(result, b) for b in shown),
+                *speedups,
+                Cell(
+                    f"{mine.throughput:.{0 if mine.unit == 'tokens/s' else 1}f}"
+                    if ok and mine.throughput is not None
+                    else "-"
+                ),
+                Cell(f"{mine.share_of_peak:.0%}" if ok and mine.share_of_peak is not None else "-"),
+                Cell(_mib(mine.peak_memory_bytes) if ok else "-"),
+                *activation,
+                mark,
+            ]
         )
-    console.print(table)
-    peaks = ", ".join(f"{d} matmul {v:.2f} TFLOP/s" for d, v in run.peaks.matmul_tflops.items())
-    if units != "tokens/s":  # a model's tokens/s has no device peak to be a share of
-        console.print(
-            f"measured peaks: copy {run.peaks.copy_gbps:.1f} GB/s, {peaks}; "
-            f"'% peak' = {subject}'s GB/s over the copy bandwidth (TFLOP/s over matmul)"
+    return headers, rows
+
+
+def notes(run: SuiteRun) -> list[Cell]:
+    """What the table needs beside it: the measured peaks, why baselines were skipped or
+    failed, and the targets' outcomes."""
+    subject = run.providers[0]
+    lines = []
+    if any(_unit(r.case) != "tokens/s" for r in run.results):  # tokens/s has no device peak
+        peaks = ", ".join(f"{d} matmul {v:.2f} TFLOP/s" for d, v in run.peaks.matmul_tflops.items())
+        lines.append(
+            Cell(
+                f"measured peaks: copy {run.peaks.copy_gbps:.1f} GB/s, {peaks}; "
+                f"'% peak' = {subject}'s GB/s over the copy bandwidth (TFLOP/s over matmul)"
+            )
         )
     reasons: dict[str, set[str]] = defaultdict(set)
     for result in run.results:
         for m in result.measurements:
             if m.status != "ok":
                 reasons[f"{m.provider} {m.status}"].add(m.reason or "")
-    for key, texts in reasons.items():
-        console.print(f"[dim]{key}: {'; '.join(sorted(texts))}[/]")
+    lines += [Cell(f"{key}: {'; '.join(sorted(texts))}", "dim") for key, texts in reasons.items()]
+    verdicts = {True: ("PASS", "green"), False: ("FAIL", "bold red"), None: ("n/a", "yellow")}
     for outcome in run.targets:
-        verdict = {True: "[green]PASS[/]", False: "[bold red]FAIL[/]", None: "[yellow]n/a[/]"}
-        console.print(
-            f"target {verdict[outcome.passed]} {outcome.target} [{outcome.case}]: "
-            f"{outcome.detail} (threshold {outcome.threshold:g})"
+        verdict, style = verdicts[outcome.passed]
+        lines.append(
+            Cell(
+                f"target {verdict} {outcome.target} [{outcome.case}]: {outcome.detail} "
+                f"(threshold {outcome.threshold:g})",
+                style,
+            )
         )
+    return lines
+
+
+def title(run: SuiteRun, device: DeviceInfo) -> str:
+    dtypes = sorted({r.case.dtype for r in run.results})
+    where = f"{device.name}, {device.threads} threads" if device.type == "cpu" else device.name
+    return f"{run.title}: {where}" + (f", {dtypes[0]}" if len(dtypes) == 1 else "")
+
+
+def _styled(cell: Cell) -> str:
+    return f"[{cell.style}]{cell.text}[/]" if cell.style and cell.text else cell.text
+
+
+def print_table(console: Console, run: SuiteRun, device: DeviceInfo) -> None:
+    headers, rows = tabulate(run)
+    table = Table(title=title(run, device))
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("case", "mode", "") else "right")
+    for row in rows:
+        table.add_row(*(_styled(cell) for cell in row))
+    console.print(table)
+    for line in notes(run):
+        console.print(_styled(line))
+
+
+def markdown_table(run: SuiteRun) -> str:
+    """The table of `tabulate` in Markdown (no colours; marks in words)."""
+    headers, rows = tabulate(run)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell.text for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- JSON and CSV
@@ -173,6 +249,38 @@ def write_json(
     document = json.loads(json.dumps(document, default=str))
     path.write_text(json.dumps(document, indent=1) + "\n")
     return path, document
+
+
+def load_runs(path: Path) -> tuple[DeviceInfo, dict[str, SuiteRun]]:
+    """A results file read back: its device and every suite's run, as `run` wrote them."""
+    document = json.loads(Path(path).read_text())
+    if document.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema {document.get('schema')}, expected {SCHEMA_VERSION}")
+    device = DeviceInfo(**document["device"])
+    runs = {}
+    for name, record in document["suites"].items():
+        results = [
+            Result(
+                Case(**row["case"]),
+                [
+                    Measurement(**{**m, "timing": Timing(**m["timing"]) if m["timing"] else None})
+                    for m in row["measurements"]
+                ],
+            )
+            for row in record["results"]
+        ]
+        runs[name] = SuiteRun(
+            record["suite"],
+            record["title"],
+            record["providers"],
+            record["plot_x"],
+            record["date"],
+            record["settings"],
+            DevicePeaks(**record["peaks"]),
+            results,
+            [TargetOutcome(**t) for t in record["targets"]],
+        )
+    return device, runs
 
 
 def write_csv(out_dir: Path, device: DeviceInfo, document: dict[str, Any]) -> Path:

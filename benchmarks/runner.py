@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ def _run(
         peaks = device_peaks(device)
         progress.remove_task(task)
         for suite in suites:
+            suite_start = time.perf_counter()
             ctx = Context(device, info, peaks, dtype, full, BUDGET_S[full])
             cases = suite.cases(ctx)
             task = progress.add_task(suite.name, total=len(cases))
@@ -164,6 +166,8 @@ def _run(
                 "dtype": dtype_name(dtype) if dtype else "suite default",
                 "peak_memory": peak_memory_method(device),
                 "load_average_after": load_average(),
+                # wall time of the suite: building, compiling, warm-up, timing, memory
+                "duration_s": round(time.perf_counter() - suite_start, 1),
             }
             run = report.SuiteRun(
                 suite.name,

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from tests.conftest import requires_extension
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -234,3 +240,98 @@ def test_peak_memory_target():
     assert outcome.passed is True
     results[0].measurements[0].peak_memory_bytes = 70  # 0.7x eager's
     assert target.evaluate(results, {})[0].passed is False
+
+
+def _pytest_benchmarks(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m pytest benchmarks/ ...` in a fresh process, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@requires_extension
+def test_pytest_benchmark_smoke_every_suite(tmp_path):
+    """Every default case x provider under pytest-benchmark, each step run once (timing
+    disabled): a provider either runs or is skipped with its reason, none fails."""
+    from fastformer_benchmarks import SUITES
+
+    report = tmp_path / "junit.xml"
+    done = _pytest_benchmarks("--benchmark-disable", "-rs", f"--junitxml={report}")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    ran: dict[str, set[str]] = {suite: set() for suite in SUITES}
+    for case in ElementTree.parse(report).iter("testcase"):
+        suite, *_, provider = case.get("name").removesuffix("]").split("[", 1)[1].split("/")
+        if case.find("skipped") is None:
+            ran[suite].add(provider)
+        else:  # skipped with the provider's reason, e.g. "liger_kernel not installed"
+            message = case.find("skipped").get("message").replace(" ", "_")  # as in the ids
+            assert message.removeprefix("Skipped:_").startswith(f"{provider}:_"), message
+    for suite, providers in ran.items():
+        assert "fastformer" in providers, f"{suite}: fastformer did not run"
+        assert len(providers) >= 2, f"{suite}: no baseline ran"
+
+
+@requires_extension
+def test_pytest_benchmark_records_groups_and_throughput(tmp_path):
+    out = tmp_path / "benchmarks.json"
+    done = _pytest_benchmarks(
+        "--bench-ops",
+        "attention",
+        "-k",
+        "4x2x128x64/fwd/ and (fastformer or eager)",
+        "--benchmark-max-time=0.02",
+        "--benchmark-min-rounds=3",
+        f"--benchmark-json={out}",
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert {b["extra_info"]["provider"] for b in benchmarks} == {"fastformer", "eager"}
+    for b in benchmarks:
+        assert b["group"] == "attention 4x2x128x64 fwd float32"
+        assert b["stats"]["rounds"] >= 3
+        assert b["extra_info"]["unit"] == "TFLOP/s"
+        # throughput = the case's FLOPs over pytest-benchmark's median
+        flops = 4 * 4 * 2 * 128 * 128 * 64
+        expected = flops / b["stats"]["median"] / 1e12
+        assert b["extra_info"]["throughput"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_readme_results_come_from_the_results_files():
+    """The README's result blocks are what `python -m fastformer_benchmarks.readme` writes
+    from benchmarks/results/: rerun it after committing new results."""
+    from fastformer_benchmarks import readme
+
+    text = (REPOSITORY / "README.md").read_text()
+    blocks = readme.BLOCK.findall(text)
+    assert len(blocks) >= 4
+    assert readme.render(text, REPOSITORY / "benchmarks" / "results", REPOSITORY) == text
+
+
+def test_results_file_reads_back(tmp_path):
+    """load_runs inverts write_json: the README's tables are built from what run() wrote."""
+    from fastformer_benchmarks import report
+
+    path = REPOSITORY / "benchmarks" / "results" / "cpu-amd-epyc-2t.json"
+    device, runs = report.load_runs(path)
+    _, document = report.write_json(tmp_path, device, list(runs.values()))
+    _assert_same_record(json.loads(path.read_text())["suites"], document["suites"])
+
+
+def _assert_same_record(original, written, where: str = "") -> None:
+    """Equal, except that fields added to the schema after a suite last ran (absent from
+    its record) read back as None."""
+    if isinstance(original, dict):
+        for key in written.keys() - original.keys():
+            assert written[key] is None, f"{where}/{key}: {written[key]!r} from nothing"
+        for key, value in original.items():
+            _assert_same_record(value, written[key], f"{where}/{key}")
+    elif isinstance(original, list):
+        assert len(original) == len(written), where
+        for index, (mine, theirs) in enumerate(zip(original, written, strict=True)):
+            _assert_same_record(mine, theirs, f"{where}[{index}]")
+    else:
+        assert original == written, f"{where}: {original!r} != {written!r}"
