@@ -6,8 +6,10 @@
 
 returning (out, h), as a pre-norm block needs both. Providers: fastformer; eager PyTorch
 (the same lines, F.layer_norm / F.rms_norm); torch.compile of eager; Liger-Kernel's
-LayerNorm/RMSNorm after an eager residual add; flash-attn's fused layer_norm_fn (prenorm=True).
-Liger and flash-attn run on CUDA only and are recorded as skipped elsewhere.
+LayerNorm/RMSNorm after an eager residual add; Apex's fused_layer_norm_affine /
+fused_rms_norm_affine after an eager residual add; flash-attn's fused layer_norm_fn
+(prenorm=True). Liger, Apex and flash-attn run on CUDA only and are recorded as skipped
+elsewhere (or when not installed).
 
 Modes: "fwd" (inputs without grad) and "fwd+bwd": forward, then one backward of both
 outputs with fixed random gradients, torch.autograd.grad([out, h], inputs, [g_out, g_h]), as
@@ -55,7 +57,7 @@ from .harness import (
 
 OP = "layer_norm_residual"
 EPS = 1e-5
-PROVIDERS = ["fastformer", "eager", "torch.compile", "liger", "flash_attn"]
+PROVIDERS = ["fastformer", "eager", "torch.compile", "liger", "apex", "flash_attn"]
 # (rows, hidden sizes): the default run stays short on a 2-core CPU; the GPU default is the
 # issue's target shapes; --full sweeps from BERT-base to very wide rows.
 CPU_SHAPES = (8192, (512, 1024, 2048, 4096))
@@ -178,6 +180,28 @@ def _liger(ctx: Context, rms: bool, dropout_p: float) -> Forward:
     return liger
 
 
+def _apex(ctx: Context, hidden: int, rms: bool, dropout_p: float) -> Forward:
+    require("apex", ctx.info.optional_baselines)
+    if ctx.device.type != "cuda":
+        raise Skip("Apex's fused layer norm runs on CUDA only")
+    try:
+        from apex.normalization.fused_layer_norm import (
+            fused_layer_norm_affine,
+            fused_rms_norm_affine,
+        )
+    except ImportError as error:  # apex without its CUDA extensions
+        raise Skip(f"apex.normalization unavailable: {error}") from None
+
+    def apex(x, residual, weight, bias):
+        # Apex has no residual or dropout: both stay eager, as a user of it would write.
+        h = (F.dropout(x, dropout_p, training=True) if dropout_p else x) + residual
+        if rms:
+            return fused_rms_norm_affine(h, weight, (hidden,), EPS), h
+        return fused_layer_norm_affine(h, weight, bias, (hidden,), EPS), h
+
+    return apex
+
+
 def _flash_attn(ctx: Context, rms: bool, dropout_p: float) -> Forward:
     require("flash_attn", ctx.info.optional_baselines)
     if ctx.device.type != "cuda":
@@ -277,6 +301,7 @@ def _bench(ctx: Context, case: Case) -> Result:
             skip_on_error="torch.compile failed",
         ),
         Provider("liger", lambda: _step(_liger(ctx, rms, p), sets, case.mode)),
+        Provider("apex", lambda: _step(_apex(ctx, hidden, rms, p), sets, case.mode)),
         Provider("flash_attn", lambda: _step(_flash_attn(ctx, rms, p), sets, case.mode)),
     ]
     return run_case(ctx, case, providers)

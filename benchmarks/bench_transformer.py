@@ -98,17 +98,22 @@ CPU_TOKENS = 1024  # batch x length of one side: batch 2 at length 512
 CPU_LENGTHS = (512,)
 CPU_FULL_LENGTHS = (512, 1024, 2048, 4096)
 # GPU: the base Transformer (d_model 512, 8 heads, 6 + 6 layers, 2048 hidden), 16384 tokens
-# per side (batch 32 at length 512 down to batch 4 at 4096).
+# per side (batch 32 at length 512 down to batch 4 at 4096); the default run takes two
+# lengths (torch.compile compiles the 12-layer model per case), --full all four.
 GPU_MODEL = Model(512, 8, 6, 2048)
 GPU_TOKENS = 16384
-GPU_LENGTHS = (512, 1024, 2048, 4096)
+GPU_LENGTHS = (1024, 4096)
+GPU_FULL_LENGTHS = (512, 1024, 2048, 4096)
 
 
 def _cases(ctx: Context) -> list[Case]:
     gpu = ctx.device.type == "cuda"
     model = GPU_MODEL if gpu else CPU_MODEL
     per_side = GPU_TOKENS if gpu else CPU_TOKENS
-    lengths = GPU_LENGTHS if gpu else (CPU_FULL_LENGTHS if ctx.full else CPU_LENGTHS)
+    if gpu:
+        lengths = GPU_FULL_LENGTHS if ctx.full else GPU_LENGTHS
+    else:
+        lengths = CPU_FULL_LENGTHS if ctx.full else CPU_LENGTHS
     if ctx.dtype is not None:
         dtypes = [ctx.dtype]
     elif gpu:
@@ -368,7 +373,7 @@ def _targets(ctx: Context) -> list[Target]:
         "mode": "train",
         "d_model": GPU_MODEL.d_model,
         "layers": GPU_MODEL.layers,
-        "length": list(GPU_LENGTHS),
+        "length": list(GPU_FULL_LENGTHS),
         "norm_first": True,
         "dropout": 0.0,
     }

@@ -62,13 +62,14 @@ def _context(config: pytest.Config) -> Context:
         torch.set_num_threads(max(1, min(wanted, os.cpu_count() or wanted)))
     else:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = config.getoption("--bench-dtype")
+    dtype_name = config.getoption("--bench-dtype")
+    dtype = parse_dtype(dtype_name) if dtype_name else None
     full = config.getoption("--bench-full")
     context = Context(
         device,
         describe_device(device),
-        device_peaks(device),
-        parse_dtype(dtype) if dtype else None,
+        device_peaks(device, dtype),
+        dtype,
         full,
         BUDGET_S[full],
     )

@@ -237,22 +237,28 @@ class DevicePeaks:
 _PEAKS: dict[str, DevicePeaks] = {}
 
 
-def device_peaks(device: torch.device) -> DevicePeaks:
-    """Copy bandwidth and matmul rate of this device, measured once per process."""
-    key = str(device)
+def device_peaks(device: torch.device, dtype: torch.dtype | None = None) -> DevicePeaks:
+    """Copy bandwidth and matmul rate of this device, measured once per process: the matmul
+    rate in bfloat16, float16 and float32 on a GPU, float32 on CPU, and in `dtype` (the
+    run's chosen dtype) too."""
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    if device.type != "cuda":
+        dtypes = [torch.float32]
+    if dtype is not None and dtype not in dtypes:
+        dtypes.append(dtype)
+    key = f"{device} {dtypes}"
     if key not in _PEAKS:
-        _PEAKS[key] = _measure_peaks(device)
+        _PEAKS[key] = _measure_peaks(device, dtypes)
     return _PEAKS[key]
 
 
-def _measure_peaks(device: torch.device) -> DevicePeaks:
+def _measure_peaks(device: torch.device, dtypes: Sequence[torch.dtype]) -> DevicePeaks:
     gpu = device.type == "cuda"
     copy_bytes = (1 << 30) if gpu else (256 << 20)
     src = torch.rand(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy = measure(lambda: dst.copy_(src), device=device, budget_s=1.0)
     n = 8192 if gpu else 2048
-    dtypes = [torch.bfloat16, torch.float16, torch.float32] if gpu else [torch.float32]
     tflops = {}
     for dtype in dtypes:
         a = torch.randn(n, n, device=device, dtype=dtype)

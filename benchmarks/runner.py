@@ -138,7 +138,7 @@ def _run(
     )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("measuring device peaks (copy, matmul)", total=None)
-        peaks = device_peaks(device)
+        peaks = device_peaks(device, dtype)
         progress.remove_task(task)
         for suite in suites:
             suite_start = time.perf_counter()
