@@ -151,7 +151,11 @@ class MultiheadAttention(torch.nn.Module):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
-            raise AssertionError("embed_dim must be divisible by num_heads")
+            # AssertionError, as torch.nn.MultiheadAttention raises.
+            raise AssertionError(
+                f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "
+                f"num_heads={num_heads}"
+            )
         Parameter = torch.nn.Parameter
         if self._qkv_same_embed_dim:
             self.in_proj_weight = Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
@@ -271,7 +275,8 @@ class MultiheadAttention(torch.nn.Module):
         batch, length, source = query.shape[1 - seq_dim], query.shape[seq_dim], key.shape[seq_dim]
         if query.shape[-1] != self.embed_dim:
             raise AssertionError(
-                f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}"
+                f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]} "
+                f"(query of shape {list(query.shape)})"
             )
         if key.shape[:-1] != value.shape[:-1]:
             raise AssertionError(

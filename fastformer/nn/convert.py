@@ -109,6 +109,8 @@ def convert(
     Returns the model, or (model, ConversionReport) with return_report=True. When `model`
     itself is one of the classes above, the returned model is its replacement.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     report = ConversionReport()
     done: dict[int, torch.nn.Module] = {}  # id(old) -> new, for modules shared in the tree
 

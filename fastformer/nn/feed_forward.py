@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import feed_forward
+from ..ops import _checks, feed_forward
 from ..ops.feed_forward import ACTIVATIONS
 
 __all__ = ["FeedForward", "activation_name"]
@@ -63,7 +63,7 @@ class FeedForward(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.activation = activation_name(activation)
-        self.dropout = dropout
+        self.dropout = _checks.check_probability("FeedForward", "dropout", dropout)
         self.recompute = recompute
         gate_factor = 2 if self.activation in ("swiglu", "geglu") else 1
         factory = {"device": device, "dtype": dtype}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..ops import layer_norm_residual
+from ..ops import _checks, layer_norm_residual
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -39,6 +39,11 @@ class _FusedNorm(torch.nn.Module):
         dtype: torch.dtype | None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
+        # Checked here, not first at the forward: a bad module should not be built at all.
+        if eps is not None:
+            _checks.check_positive(name, "eps", eps)
+        _checks.check_probability(name, "dropout", dropout)
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
