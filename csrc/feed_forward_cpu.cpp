@@ -102,7 +102,8 @@ C10_ALWAYS_INLINE std::pair<V, V> activation_and_derivative(const V& x) {
   const V one(acc_t(1));
   const V half(acc_t(0.5));
   if constexpr (A == ActivationKind::kRelu) {
-    return {at::vec::clamp_min(x, V(acc_t(0))), x.gt(V(acc_t(0)))};
+    // relu'(x) = 1 - [x <= 0], so a NaN passes its gradient on, as torch's threshold_backward.
+    return {at::vec::clamp_min(x, V(acc_t(0))), V(acc_t(1)) - x.le(V(acc_t(0)))};
   } else if constexpr (A == ActivationKind::kGelu) {
     // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
     const V gaussian = (x * x * V(acc_t(-0.5))).exp();

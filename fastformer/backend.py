@@ -164,8 +164,11 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return TORCH_FALLBACK
 
 
-def note_fallback(op: str, device: torch.device, dtype: torch.dtype, reason: str = "") -> None:
-    """Count a call that runs plain PyTorch, and warn the first time for each op."""
+def note_fallback(
+    op: str, device: torch.device, dtype: torch.dtype, reason: str = "", stacklevel: int = 3
+) -> None:
+    """Count a call that runs plain PyTorch, and warn the first time for each op (pointing
+    `stacklevel` frames up: the user's call of the op)."""
     if torch.compiler.is_compiling():
         return
     fallback_counts[op] += 1
@@ -175,7 +178,7 @@ def note_fallback(op: str, device: torch.device, dtype: torch.dtype, reason: str
         warnings.warn(
             f"fastformer.{op}: {why}; running plain PyTorch instead (fastformer.info() "
             "counts these calls)",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 

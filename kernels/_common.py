@@ -1,15 +1,40 @@
-"""Helpers shared by the Triton launchers: output allocation and device properties."""
+"""Helpers shared by the Triton launchers: output allocation, device properties, and the
+serialization of launches under Triton's interpreter."""
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 
 # Debug aid for tests: fill every output a launcher allocates with NaN (or the dtype's
 # extreme value for integers) so that an element a kernel forgot to write is noticed.
 POISON_ENV = "FASTFORMER_POISON_OUTPUTS"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+# Triton's interpreter keeps the running grid and program id, and its patches of
+# triton.language, in process-wide state, so launches from two threads corrupt each other.
+# While interpreting, launchers take this lock; compiled GPU launches need none.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def serialized_when_interpreting(launcher: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a launcher so that, under TRITON_INTERPRET=1, one thread runs at a time."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return launcher
+
+    @functools.wraps(launcher)
+    def serialized(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+
+    return serialized
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

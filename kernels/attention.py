@@ -40,7 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, next_power_of_2, require_unit_column_stride
+from ._common import (
+    empty,
+    next_power_of_2,
+    require_unit_column_stride,
+    serialized_when_interpreting,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -147,24 +152,42 @@ def _scores(
     """Masked scores of a tile in base 2, log2(e) * s. i and j are the query and key
     positions, broadcastable to the tile ([BM, 1] and [1, BN], or transposed). EDGE applies
     the band and the bounds of both sequences."""
+    s, _visible = _scores_and_visibility(
+        qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, diagonal_offset,
+        window_left, window_right, HAS_MASK, MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, EDGE)
+    return s
+
+
+@triton.jit
+def _scores_and_visibility(
+    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, diagonal_offset,
+    window_left, window_right, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
+):
+    """_scores, and which scores are visible: not hidden by a boolean mask, the band or the
+    bounds. A float mask's -inf counts as visible, as the reference adds it to the score
+    (this tells a masked-out score from one that is -inf by itself or by addition)."""
     s = qk * qk_scale
+    visible = (i >= 0) & (j >= 0)  # all True, in the tile's shape
     if HAS_MASK:
         offsets = mask_offset + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
         mask = tl.load(MASK + offsets, mask=(i < L) & (j < S), other=0)
         if MASK_IS_BOOL:
-            s = tl.where(mask != 0, s, float("-inf"))
+            visible = mask != 0
+            s = tl.where(visible, s, float("-inf"))
         else:
             bias = mask.to(tl.float32)
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias * LOG2E, -FLOAT32_MAX))
             s = s + bias
     if EDGE:
-        visible = (i < L) & (j < S)
+        inside = (i < L) & (j < S)
         if BAND_LEFT:
-            visible = visible & (j >= i + (diagonal_offset - window_left))
+            inside = inside & (j >= i + (diagonal_offset - window_left))
         if BAND_RIGHT:
-            visible = visible & (j <= i + (diagonal_offset + window_right))
-        s = tl.where(visible, s, float("-inf"))
-    return s
+            inside = inside & (j <= i + (diagonal_offset + window_right))
+        visible = visible & inside
+        s = tl.where(inside, s, float("-inf"))
+    return s, visible
 
 
 @triton.jit
@@ -364,6 +387,7 @@ def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[in
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), mask.stride()
 
 
+@serialized_when_interpreting
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -15,9 +15,13 @@ Limits and choices:
 - Blocks outside the band are skipped, blocks inside it run without the band mask, as in
   the forward; the dropout mask is regenerated from the same Philox offsets.
 - Fully masked rows (lse = -inf) and rows past the end contribute exactly zero, so their
-  gradients are zero, never NaN. Rows whose scores all lie below -1e38 (a float mask of
-  finfo(float32).min everywhere) get finite but inexact gradients: their lse does not
-  survive the base-2 scaling.
+  gradients are zero, never NaN. A hidden score (by a boolean mask, the band or the
+  bounds) gets dS = 0 exactly, also in a row whose lse or delta is NaN because it sees a NaN
+  key: NaN reaches dK where the reference's does (its masked_fill stops the gradient there),
+  and dV through p = NaN across such a row, as the reference's softmax. A float mask's -inf
+  is added to the score, as in the reference, and hides nothing from a NaN.
+- Rows whose scores all lie below -1e38 (a float mask of finfo(float32).min everywhere) get
+  finite but inexact gradients: their lse does not survive the base-2 scaling.
 - grad_q, grad_k, grad_v are contiguous; grad_out and out may have any strides with a unit
   last one; lse is (B, Hq, L) float32 as the forward returns it.
 """
@@ -30,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, require_unit_column_stride
+from ._common import empty, require_unit_column_stride, serialized_when_interpreting
 from .attention import (
     _DKDV_TILES,
     _DQ_TILES,
@@ -45,7 +49,7 @@ from .attention import (
     _load_rows,
     _mask_args,
     _program_block,
-    _scores,
+    _scores_and_visibility,
 )
 
 
@@ -149,10 +153,10 @@ def _attention_bwd_dkdv_kernel(
                 lse2 = _load_lse2(LSE + bh * L, rows, L, HAS_MASK and not MASK_IS_BOOL)
                 delta = tl.load(DELTA + bh * L + rows, mask=rows < L, other=0.0)
                 qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                s = _scores(qk, MASK, mask_offset, rows[None, :], keys[:, None], stride_mm,
-                            stride_mn, L, S, qk_scale, diagonal_offset, window_left,
-                            window_right, HAS_MASK, MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT,
-                            phase != 1)
+                s, visible = _scores_and_visibility(
+                    qk, MASK, mask_offset, rows[None, :], keys[:, None], stride_mm, stride_mn,
+                    L, S, qk_scale, diagonal_offset, window_left, window_right, HAS_MASK,
+                    MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, phase != 1)
                 p = tl.math.exp2(s - lse2[None, :])
                 if HAS_MASK and not MASK_IS_BOOL:
                     p = tl.minimum(p, 1.0)  # see _load_lse2: finite even for finfo.min rows
@@ -168,6 +172,8 @@ def _attention_bwd_dkdv_kernel(
                 dv = tl.dot(p_kept.to(grad_out.dtype), grad_out, dv,
                             input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[None, :])
+                if (HAS_MASK and MASK_IS_BOOL) or phase != 1:  # hidden: dS = 0 (docstring)
+                    ds = tl.where(visible, ds, 0.0)
                 dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     out_rows = (bhk.to(tl.int64) * S + keys)[:, None]
@@ -251,9 +257,10 @@ def _attention_bwd_dq_kernel(
             k = _load_rows(k_base, keys, S, stride_kn, cols_d, D)
             v = _load_rows(v_base, keys, S, stride_vn, cols_dv, DV)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = _scores(qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn,
-                        L, S, qk_scale, diagonal_offset, window_left, window_right, HAS_MASK,
-                        MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, phase != 1)
+            s, visible = _scores_and_visibility(
+                qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn, L, S,
+                qk_scale, diagonal_offset, window_left, window_right, HAS_MASK, MASK_IS_BOOL,
+                BAND_LEFT, BAND_RIGHT, phase != 1)
             p = tl.math.exp2(s - lse2[:, None])
             if HAS_MASK and not MASK_IS_BOOL:
                 p = tl.minimum(p, 1.0)  # see _load_lse2: finite even for finfo.min rows
@@ -262,6 +269,8 @@ def _attention_bwd_dq_kernel(
                 keep = _dropout_keep(seed, rng_offset, rows[:, None], keys[None, :], S, dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
+            if (HAS_MASK and MASK_IS_BOOL) or phase != 1:  # hidden: dS = 0 (docstring)
+                ds = tl.where(visible, ds, 0.0)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     out_rows = (bh.to(tl.int64) * L + rows)[:, None]
@@ -275,6 +284,7 @@ class AttentionBackward(NamedTuple):
     grad_v: torch.Tensor  # (B, Hkv, S, Dv) in v's dtype
 
 
+@serialized_when_interpreting
 def attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,

@@ -40,6 +40,7 @@ from ._common import (
     multiprocessor_count,
     next_power_of_2,
     require_unit_column_stride,
+    serialized_when_interpreting,
 )
 
 # Longest row kept whole in registers, and the chunk width used beyond it.
@@ -223,6 +224,7 @@ class LayerNormResidualForward(NamedTuple):
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+@serialized_when_interpreting
 def layer_norm_residual_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -434,6 +436,7 @@ class LayerNormResidualBackward(NamedTuple):
     grad_bias: torch.Tensor  # [N] float32; empty without bias
 
 
+@serialized_when_interpreting
 def layer_norm_residual_backward(
     grad_out: torch.Tensor,
     grad_h: torch.Tensor | None,

@@ -104,9 +104,10 @@ constexpr float kGeluCubic = 0.044715f;
 template <ActivationKind A>
 __device__ __forceinline__ float activation(float x, float* derivative = nullptr) {
   if constexpr (A == ActivationKind::kRelu) {
-    // relu(x) = max(x, 0) (NaN stays NaN, as in torch); relu'(x) = [x > 0]
+    // relu(x) = max(x, 0) (NaN stays NaN, as in torch); relu'(x) = 1 - [x <= 0], so a NaN
+    // passes its gradient on, as torch's threshold_backward does.
     if (derivative != nullptr) {
-      *derivative = x > 0.f ? 1.f : 0.f;
+      *derivative = x <= 0.f ? 0.f : 1.f;
     }
     return x <= 0.f ? 0.f : x;
   } else if constexpr (A == ActivationKind::kGelu) {

@@ -16,13 +16,18 @@ is bottom-right aligned, diagonal_offset = S - L.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
+from ..reference import scaled_dot_product_attention as reference_attention
 from . import _checks
+
+T = TypeVar("T")
 
 OP = "scaled_dot_product_attention"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -189,6 +194,34 @@ def _runs_torch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) 
     return problem is None or bool(problem)
 
 
+def _defined_non_finite(
+    query: Tensor, run_torch: Callable[[], T], run_reference: Callable[[], T]
+) -> T:
+    """run_torch(), unless NaN or Inf is involved: PyTorch's fused CPU kernel loses a NaN of
+    a query row with fewer than 16 keys (its row maximum skips NaN: the row comes out as
+    zeros), and lets a NaN key hidden by a boolean mask reach the rows that cannot see it.
+    So on CPU a call with a non-finite query, or whose output is not finite, is computed by
+    fastformer.reference instead, which propagates NaN and Inf as documented (counted in
+    fastformer.info()). The check costs one pass over the query and one over the output;
+    under torch.compile (where it would break the graph) torch's result stands."""
+    if query.device.type != "cpu" or torch.compiler.is_compiling():
+        return run_torch()
+    if torch.isfinite(query).all():
+        result = run_torch()
+        out = result[0] if isinstance(result, tuple) else result
+        if torch.isfinite(out).all():
+            return result
+    backend.note_fallback(
+        OP,
+        query.device,
+        query.dtype,
+        reason="NaN or Inf in the inputs: computed by fastformer.reference, which "
+        "propagates them as documented",
+        stacklevel=4,
+    )
+    return run_reference()
+
+
 def _attend(
     q: Tensor,
     k: Tensor,
@@ -305,15 +338,17 @@ def scaled_dot_product_attention(
     """
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if _runs_torch(query, key, value, attn_mask):
-        return torch_sdpa(
+        arguments = {
+            "attn_mask": attn_mask,
+            "dropout_p": dropout_p,
+            "is_causal": is_causal,
+            "scale": scale,
+            "enable_gqa": enable_gqa,
+        }
+        return _defined_non_finite(
             query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
+            lambda: torch_sdpa(query, key, value, **arguments),
+            lambda: reference_attention(query, key, value, **arguments),
         )
 
     source = key.shape[-2]
@@ -395,8 +430,11 @@ def flash_attn_func(
     # (B, L, H, D) -> (B, H, L, D): views; the kernels take any strides but the last.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if _runs_torch(q, k, v, None):
-        out, lse = _banded_attention_torch(
-            qt, kt, vt, scale, dropout_p, diagonal_offset, window_left, window_right
+        band = (scale, dropout_p, diagonal_offset, window_left, window_right)
+        out, lse = _defined_non_finite(
+            qt,
+            lambda: _banded_attention_torch(qt, kt, vt, *band),
+            lambda: _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention),
         )
     else:
         out, lse = _attend(
@@ -415,9 +453,11 @@ def _banded_attention_torch(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
+    attend: Callable[..., Tensor] = torch_sdpa,
 ) -> tuple[Tensor, Tensor]:
-    """The same banded attention through torch's function, for calls the kernels do not
-    take; the band becomes an explicit (L, S) boolean mask."""
+    """The same banded attention through torch's function (or `attend`, with its
+    signature), for calls the kernels do not take; the band becomes an explicit (L, S)
+    boolean mask."""
     length, source = q.shape[-2], k.shape[-2]
     rows = torch.arange(length, device=q.device)[:, None] + diagonal_offset
     cols = torch.arange(source, device=q.device)[None, :]
@@ -427,7 +467,7 @@ def _banded_attention_torch(
     if window_right >= 0:
         visible &= cols <= rows + window_right
     groups = q.shape[1] // k.shape[1]
-    out = torch_sdpa(
+    out = attend(
         q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=scale, enable_gqa=groups > 1
     )
     scores = (q.float() @ k.repeat_interleave(groups, dim=1).float().transpose(-2, -1)) * scale
