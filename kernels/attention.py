@@ -17,7 +17,9 @@ Limits and choices:
   copies, no repeat of k/v for grouped heads. 16 <= D, Dv <= 256; head dims that are not
   powers of two are padded inside the kernels by masked loads. Offsets are int64.
 - Online softmax in base 2: log2(e) is folded into the scale and the mask, exp2 throughout,
-  float32 statistics and accumulators. fp32 inputs use IEEE dot products (no TF32).
+  float32 statistics and accumulators. fp32 inputs use IEEE dot products (no TF32). The
+  forward saves each row's max and log-sum apart (stats), not their sum lse, so that the
+  backward's s_ij - max_i stays exact in rows of huge scores; lse_of(stats) gives lse.
 - The mask is read tile by tile through its four strides (0 where broadcast). Finite float
   mask values stay finite after scaling (finfo(float32).min does not become -inf).
 - Key blocks outside the band are skipped by the loop bounds; blocks wholly inside the band
@@ -50,7 +52,7 @@ from ._common import (
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+LN2 = 0.6931471805599453
 FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 # ----------------------------------------------------------------------------------------
@@ -197,14 +199,14 @@ def _dropout_keep(seed, rng_offset, i, j, S, dropout_p):
 
 
 @triton.jit
-def _load_lse2(LSE, rows, L, FLOAT_MASK: tl.constexpr):
-    """lse in base 2 for the rows; +inf for fully masked and out-of-range rows so that
-    exp2(s - lse2) is 0 there, never NaN."""
-    lse = tl.load(LSE + rows, mask=rows < L, other=float("-inf"))
-    lse2 = lse * LOG2E
-    if FLOAT_MASK:
-        lse2 = tl.maximum(lse2, -FLOAT32_MAX)  # rows of finfo.min scores: -inf - -inf is NaN
-    return tl.where(lse == float("-inf"), float("inf"), lse2)
+def _load_row_stats(STATS, rows, L):
+    """The forward's row statistics (base 2) of the rows: (row max, log2 of the row sum),
+    with +inf as the max of fully masked and out-of-range rows, so that
+    exp2(s - max - log2_sum) is 0 there, never NaN."""
+    row_max = tl.load(STATS + rows * 2, mask=rows < L, other=float("-inf"))
+    log2_sum = tl.load(STATS + rows * 2 + 1, mask=rows < L, other=0.0)
+    hidden = row_max == float("-inf")
+    return tl.where(hidden, float("inf"), row_max), tl.where(hidden, 0.0, log2_sum)
 
 
 @triton.jit
@@ -228,7 +230,8 @@ def _attention_fwd_kernel(
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
     SEED,  # [1] int64 Philox seed (unused without HAS_DROPOUT)
     OUT,  # [B, Hq, L, DV] output, contiguous, q's dtype
-    LSE,  # [B, Hq, L] float32 log-sum-exp of the scores (natural log), contiguous
+    STATS,  # [B, Hq, L, 2] float32 row statistics (base 2): the row max of the scores and
+    #         log2 of the row sum; lse = (max + log2 sum) * ln 2. Contiguous.
     stride_qb, stride_qh, stride_qm,  # strides of Q in elements (batch, head, row)
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_vb, stride_vh, stride_vn,  # strides of V
@@ -306,16 +309,27 @@ def _attention_fwd_kernel(
     out = acc / l_safe[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    # Kept apart, not summed into the lse: a row of huge scores (a finite mask of -1e30) has
+    # an lse whose float32 rounding swamps log2(l), and the backward needs both exactly.
+    row_max = tl.where(l_i == 0.0, float("-inf"), m_i)
+    log2_sum = tl.where(l_i == 0.0, float("-inf"), tl.math.log2(l_safe))
     out_rows = bh.to(tl.int64) * L + rows
     tl.store(OUT + out_rows[:, None] * DV + cols_dv[None, :], out.to(OUT.dtype.element_ty),
              mask=(rows < L)[:, None] & (cols_dv < DV)[None, :])
-    tl.store(LSE + out_rows, lse, mask=rows < L)
+    tl.store(STATS + out_rows * 2, row_max, mask=rows < L)
+    tl.store(STATS + out_rows * 2 + 1, log2_sum, mask=rows < L)
 
 
 class AttentionForward(NamedTuple):
     out: torch.Tensor  # (B, Hq, L, Dv) in q's dtype
-    lse: torch.Tensor  # (B, Hq, L) float32; -inf for a row whose keys are all masked
+    # (B, Hq, L, 2) float32: row max of the base-2 scores and log2 of the row sum, both -inf
+    # for a row whose keys are all masked; lse_of(stats) gives the log-sum-exp.
+    stats: torch.Tensor
+
+
+def lse_of(stats: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp (natural log, (B, Hq, L) float32) of the forward's row statistics."""
+    return (stats[..., 0] + stats[..., 1]) * LN2
 
 
 class _Problem(NamedTuple):
@@ -406,9 +420,9 @@ def attention_forward(
     batch, heads, length = problem.batch, problem.heads, problem.length
     value_dim = problem.value_dim
     out = empty((batch, heads, length, value_dim), q.dtype, q.device)
-    lse = empty((batch, heads, length), torch.float32, q.device)
+    stats = empty((batch, heads, length, 2), torch.float32, q.device)
     if out.numel() == 0:
-        return AttentionForward(out, lse)
+        return AttentionForward(out, stats)
     mask_arg, mask_strides = _mask_args(mask)
     has_dropout = dropout_p > 0.0
 
@@ -416,10 +430,10 @@ def attention_forward(
         return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
 
     _attention_fwd_kernel[grid](
-        q, k, v, mask_arg, seed if has_dropout else None, out, lse,
+        q, k, v, mask_arg, seed if has_dropout else None, out, stats,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         heads, heads // problem.kv_heads, length, problem.source, problem.head_dim, value_dim,
         scale, diagonal_offset, window_left, window_right, dropout_p,
         **_features(problem, q, mask, dropout_p, window_left, window_right),
     )
-    return AttentionForward(out, lse)
+    return AttentionForward(out, stats)

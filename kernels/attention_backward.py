@@ -1,7 +1,8 @@
 """Flash attention backward in Triton (FlashAttention-2): the gradients of attention.py.
 
-Maths (see attention.py for the forward and the notation), with lse from the forward:
-    p_ij  = exp(s_ij - lse_i)                     recomputed from q, k and the masks
+Maths (see attention.py for the forward and the notation), with the forward's row
+statistics, the row max m_i and log-sum l_i of the base-2 scores:
+    p_ij  = exp2(s_ij - m_i - l_i)                recomputed from q, k and the masks
     delta_i = dO_i . out_i                        (preprocess kernel, float32)
     dP_ij = z_ij / (1 - p_drop) * dO_i . v_j,    dS_ij = p_ij * (dP_ij - delta_i)
     dv_j  = sum_i p_ij * z_ij / (1 - p_drop) * dO_i,   dk_j = scale * sum_i dS_ij q_i
@@ -14,16 +15,16 @@ Limits and choices:
   dQ: one program per query block, looping over key blocks. Deterministic results.
 - Blocks outside the band are skipped, blocks inside it run without the band mask, as in
   the forward; the dropout mask is regenerated from the same Philox offsets.
-- Fully masked rows (lse = -inf) and rows past the end contribute exactly zero, so their
-  gradients are zero, never NaN. A hidden score (by a boolean mask, the band or the
-  bounds) gets dS = 0 exactly, also in a row whose lse or delta is NaN because it sees a NaN
-  key: NaN reaches dK where the reference's does (its masked_fill stops the gradient there),
-  and dV through p = NaN across such a row, as the reference's softmax. A float mask's -inf
-  is added to the score, as in the reference, and hides nothing from a NaN.
-- Rows whose scores all lie below -1e38 (a float mask of finfo(float32).min everywhere) get
-  finite but inexact gradients: their lse does not survive the base-2 scaling.
+- m_i and l_i are kept apart (not one lse): s_ij - m_i is exact even for rows of huge
+  scores (a finite mask of -1e30 or finfo.min on every key), whose lse would round away l_i.
+- Fully masked rows and rows past the end contribute exactly zero, so their gradients are
+  zero, never NaN. A hidden score (by a boolean mask, the band or the bounds) gets dS = 0
+  exactly, also in a row whose statistics or delta are NaN because it sees a NaN key: NaN
+  reaches dK where the reference's does (its masked_fill stops the gradient there), and dV
+  through p = NaN across such a row, as the reference's softmax. A float mask's -inf is
+  added to the score, as in the reference, and hides nothing from a NaN.
 - grad_q, grad_k, grad_v are contiguous; grad_out and out may have any strides with a unit
-  last one; lse is (B, Hq, L) float32 as the forward returns it.
+  last one; stats is (B, Hq, L, 2) float32 as the forward returns it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .attention import (
     _check,
     _dropout_keep,
     _features,
-    _load_lse2,
+    _load_row_stats,
     _load_rows,
     _mask_args,
     _program_block,
@@ -84,7 +85,7 @@ def _attention_bwd_dkdv_kernel(
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
     SEED,  # [1] int64 Philox seed of the forward (unused without HAS_DROPOUT)
     GRAD_OUT,  # [B, Hq, L, DV] gradient of the output, unit column stride
-    LSE,  # [B, Hq, L] float32 log-sum-exp from the forward, contiguous
+    STATS,  # [B, Hq, L, 2] float32 row statistics from the forward, contiguous
     DELTA,  # [B, Hq, L] float32 rowsum(out * grad_out), contiguous
     GRAD_K,  # [B, Hkv, S, D] gradient of k, contiguous, k's dtype
     GRAD_V,  # [B, Hkv, S, DV] gradient of v, contiguous, v's dtype
@@ -150,16 +151,14 @@ def _attention_bwd_dkdv_kernel(
                 rows = start_m + tl.arange(0, BLOCK_M)
                 q = _load_rows(q_base, rows, L, stride_qm, cols_d, D)
                 grad_out = _load_rows(grad_out_base, rows, L, stride_gm, cols_dv, DV)
-                lse2 = _load_lse2(LSE + bh * L, rows, L, HAS_MASK and not MASK_IS_BOOL)
+                row_max, log2_sum = _load_row_stats(STATS + bh * L * 2, rows, L)
                 delta = tl.load(DELTA + bh * L + rows, mask=rows < L, other=0.0)
                 qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
                 s, visible = _scores_and_visibility(
                     qk, MASK, mask_offset, rows[None, :], keys[:, None], stride_mm, stride_mn,
                     L, S, qk_scale, diagonal_offset, window_left, window_right, HAS_MASK,
                     MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, phase != 1)
-                p = tl.math.exp2(s - lse2[None, :])
-                if HAS_MASK and not MASK_IS_BOOL:
-                    p = tl.minimum(p, 1.0)  # see _load_lse2: finite even for finfo.min rows
+                p = tl.math.exp2((s - row_max[None, :]) - log2_sum[None, :])
                 dp = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
                 if HAS_DROPOUT:
                     keep = _dropout_keep(seed, rng_offset, rows[None, :], keys[:, None], S,
@@ -192,7 +191,7 @@ def _attention_bwd_dq_kernel(
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
     SEED,  # [1] int64 Philox seed of the forward (unused without HAS_DROPOUT)
     GRAD_OUT,  # [B, Hq, L, DV] gradient of the output, unit column stride
-    LSE,  # [B, Hq, L] float32 log-sum-exp from the forward, contiguous
+    STATS,  # [B, Hq, L, 2] float32 row statistics from the forward, contiguous
     DELTA,  # [B, Hq, L] float32 rowsum(out * grad_out), contiguous
     GRAD_Q,  # [B, Hq, L, D] gradient of q, contiguous, q's dtype
     stride_qb, stride_qh, stride_qm,  # strides of Q in elements (batch, head, row)
@@ -232,7 +231,7 @@ def _attention_bwd_dq_kernel(
     q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, L, stride_qm, cols_d, D)
     grad_out = _load_rows(GRAD_OUT + b * stride_gb + h * stride_gh, rows, L, stride_gm, cols_dv,
                           DV)
-    lse2 = _load_lse2(LSE + bh.to(tl.int64) * L, rows, L, HAS_MASK and not MASK_IS_BOOL)
+    row_max, log2_sum = _load_row_stats(STATS + bh.to(tl.int64) * L * 2, rows, L)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
@@ -261,9 +260,7 @@ def _attention_bwd_dq_kernel(
                 qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn, L, S,
                 qk_scale, diagonal_offset, window_left, window_right, HAS_MASK, MASK_IS_BOOL,
                 BAND_LEFT, BAND_RIGHT, phase != 1)
-            p = tl.math.exp2(s - lse2[:, None])
-            if HAS_MASK and not MASK_IS_BOOL:
-                p = tl.minimum(p, 1.0)  # see _load_lse2: finite even for finfo.min rows
+            p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
             dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, rng_offset, rows[:, None], keys[None, :], S, dropout_p)
@@ -291,7 +288,7 @@ def attention_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     mask: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale: float,
@@ -311,14 +308,14 @@ def attention_backward(
     if tuple(out.shape) != expected or tuple(grad_out.shape) != expected:
         raise ValueError(f"{op}: out and grad_out must be {expected}, got {tuple(out.shape)} "
                          f"and {tuple(grad_out.shape)}")
-    if tuple(lse.shape) != (batch, heads, length) or lse.dtype != torch.float32:
-        raise ValueError(f"{op}: lse must be float32 {(batch, heads, length)}, got {lse.dtype} "
-                         f"{tuple(lse.shape)}")
+    if tuple(stats.shape) != (batch, heads, length, 2) or stats.dtype != torch.float32:
+        raise ValueError(f"{op}: stats must be float32 {(batch, heads, length, 2)}, got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
     device = q.device
     grad_q = empty(tuple(q.shape), q.dtype, device)
     grad_k = empty(tuple(k.shape), k.dtype, device)
     grad_v = empty(tuple(v.shape), v.dtype, device)
-    lse = lse.contiguous()  # the forward's lse already is
+    stats = stats.contiguous()  # the forward's already are
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=device)
     features = _features(problem, q, mask, dropout_p, window_left, window_right)
     mask_arg, mask_strides = _mask_args(mask)
@@ -338,13 +335,14 @@ def attention_backward(
             return (triton.cdiv(source, meta["BLOCK_N"]) * batch * kv_heads,)
 
         _attention_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, mask_arg, seed_arg, grad_out, lse, delta, grad_k, grad_v, *shared, **features,
+            q, k, v, mask_arg, seed_arg, grad_out, stats, delta, grad_k, grad_v, *shared,
+            **features,
         )
     if batch * heads * length > 0:
         def dq_grid(meta):
             return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
 
         _attention_bwd_dq_kernel[dq_grid](
-            q, k, v, mask_arg, seed_arg, grad_out, lse, delta, grad_q, *shared, **features,
+            q, k, v, mask_arg, seed_arg, grad_out, stats, delta, grad_q, *shared, **features,
         )
     return AttentionBackward(grad_q, grad_k, grad_v)

@@ -4,8 +4,7 @@
 2. Fully masked attention rows give zeros with finite gradients.
 3. Extreme magnitudes stay finite where the reference does.
 
-Known bugs are marked xfail(strict=True), each with its diagnosis as the reason: they fail
-today, and the mark must go when the bug is fixed. Implementations: see tests/hardening.py.
+Implementations: see tests/hardening.py.
 """
 
 from __future__ import annotations
@@ -67,8 +66,6 @@ class Poison:
     source: int = 23  # attention only: the number of keys
 
 
-# Known bugs: the reasons of the xfail(strict=True) marks, with where each bug lies.
-
 ATTENTION_POISONS = {
     # A query row: only that row's output is NaN; its scores reach every key's gradient.
     "nan-query": Poison("q", (0, 1, 4, 3), NAN),
@@ -83,16 +80,14 @@ ATTENTION_POISONS = {
 }
 
 
-def _cases(named: dict[str, object], impls: list, known_bugs: dict[tuple[str, str], str]) -> list:
-    """pytest params (case, device, impl) for every case on every implementation; known_bugs
-    maps (case name, implementation id) to the reason the case is expected to fail."""
+def _cases(named: dict[str, object], impls: list) -> list:
+    """pytest params (case, device, impl) for every case on every implementation."""
     params = []
     for name, case in named.items():
         for impl in impls:
-            marks = list(impl.marks)
-            if (name, impl.id) in known_bugs:
-                marks.append(pytest.mark.xfail(strict=True, reason=known_bugs[(name, impl.id)]))
-            params.append(pytest.param(case, *impl.values, id=f"{name}-{impl.id}", marks=marks))
+            params.append(
+                pytest.param(case, *impl.values, id=f"{name}-{impl.id}", marks=impl.marks)
+            )
     return params
 
 
@@ -111,11 +106,7 @@ def _poisoned_attention(poison: Poison, device: str) -> tuple[Results, dict]:
 
 @pytest.mark.parametrize(
     "poison, device, impl",
-    _cases(
-        ATTENTION_POISONS,
-        KERNEL_IMPLS,
-        {},
-    ),
+    _cases(ATTENTION_POISONS, KERNEL_IMPLS),
 )
 def test_attention_nan_inf_outputs_like_reference(use_implementation, poison, device, impl):
     """The output, in inference (no grad) and in training, NaN exactly where the reference's is."""
@@ -132,11 +123,7 @@ def test_attention_nan_inf_outputs_like_reference(use_implementation, poison, de
 
 @pytest.mark.parametrize(
     "poison, device, impl",
-    _cases(
-        ATTENTION_POISONS,
-        KERNEL_IMPLS,
-        {},
-    ),
+    _cases(ATTENTION_POISONS, KERNEL_IMPLS),
 )
 def test_attention_nan_inf_gradients_like_reference(use_implementation, poison, device, impl):
     """grad_q, grad_k and grad_v NaN exactly where the reference's are: a poisoned query
@@ -185,11 +172,7 @@ FEED_FORWARD_POISONS = {
 
 @pytest.mark.parametrize(
     "case, device, impl",
-    _cases(
-        FEED_FORWARD_POISONS,
-        FEED_FORWARD_IMPLS,
-        {},
-    ),
+    _cases(FEED_FORWARD_POISONS, FEED_FORWARD_IMPLS),
 )
 def test_feed_forward_nan_inf_propagate_like_reference(use_implementation, case, device, impl):
     """A non-finite token reaches its own output row and grad_x row; the weight gradients
@@ -302,17 +285,6 @@ def test_attention_row_masked_by_large_values_forward(use_implementation, device
     assert_like_reference("out", fast["out"], same["out"], ref64["out"], FP32_ATOL)
 
 
-LARGE_MASK_ROW_GRADIENTS = (
-    "attention backward: a row whose scores all lie near -1e30 (finite mask values) gets "
-    "wrong gradients (grad_q off by ~5 here): p = exp(s - lse) is recomputed from lse, and "
-    "at |s| ~ 1e30 the float32 rounding of s and lse (ulp ~ 1e23) swamps the difference; "
-    "from |s| ~ 1e8 on p is 0 or 1 instead of ~1/S. kernels/attention_backward.py documents "
-    "this for finfo.min only (exp2(s - lse2) in both backward kernels); PyTorch's CPU "
-    "kernel has the same flaw"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LARGE_MASK_ROW_GRADIENTS)
 @pytest.mark.parametrize("device, impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("big", LARGE_MASK_VALUES)
 def test_attention_row_masked_by_large_values_gradients(use_implementation, device, impl, big):

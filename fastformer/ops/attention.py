@@ -63,7 +63,8 @@ def attention_fwd(
     window_left: int,
     window_right: int,
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, Hq, L, Dv), lse (B, Hq, L) float32) of q (B, Hq, L, D), k (B, Hkv, S, D),
+    """(out (B, Hq, L, Dv), stats (B, Hq, L, 2) float32: row max and log2 row sum of the
+    base-2 scores, see kernels/attention.py) of q (B, Hq, L, D), k (B, Hkv, S, D),
     v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S) (stride 0 where broadcast)."""
     from fastformer_kernels.attention import attention_forward
 
@@ -78,7 +79,7 @@ def attention_fwd(
 def _(q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right):
     batch, heads, length, _ = q.shape
     out = q.new_empty((batch, heads, length, v.shape[-1]))
-    return out, q.new_empty((batch, heads, length), dtype=torch.float32)
+    return out, q.new_empty((batch, heads, length, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
@@ -88,7 +89,7 @@ def attention_bwd(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     mask: Tensor | None,
     seed: Tensor | None,
     scale: float,
@@ -107,7 +108,7 @@ def attention_bwd(
             k,
             v,
             out,
-            lse,
+            stats,
             mask,
             seed,
             scale,
@@ -126,7 +127,7 @@ def _(
     k,
     v,
     out,
-    lse,
+    stats,
     mask,
     seed,
     scale,
@@ -141,15 +142,15 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, mask, seed, *band = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, mask, seed)
     ctx.band = band  # scale, dropout_p, diagonal_offset, window_left, window_right
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_stats):
+    q, k, v, out, stats, mask, seed = ctx.saved_tensors
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, mask, seed, *ctx.band)
+    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, stats, mask, seed, *ctx.band)
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
 
@@ -194,32 +195,61 @@ def _runs_torch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) 
     return problem is None or bool(problem)
 
 
-def _defined_non_finite(
-    query: Tensor, run_torch: Callable[[], T], run_reference: Callable[[], T]
+# Below this, a float mask value leaves too few bits to a float32 score for torch's CPU
+# backward, which recomputes p = exp(s - lse) from the rounded lse (see _cpu_kernel_or_reference).
+_HUGE_MASK = -1e6
+
+
+def _cpu_kernel_or_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    run_torch: Callable[[], T],
+    run_reference: Callable[[], T],
 ) -> T:
-    """run_torch(), unless NaN or Inf is involved: PyTorch's fused CPU kernel loses a NaN of
-    a query row with fewer than 16 keys (its row maximum skips NaN: the row comes out as
-    zeros), and lets a NaN key hidden by a boolean mask reach the rows that cannot see it.
-    So on CPU a call with a non-finite query, or whose output is not finite, is computed by
-    fastformer.reference instead, which propagates NaN and Inf as documented (counted in
-    fastformer.info()). The check costs one pass over the query and one over the output;
-    under torch.compile (where it would break the graph) torch's result stands."""
+    """run_torch(), PyTorch's fused CPU kernel, except where it is wrong, where
+    fastformer.reference runs instead (counted in fastformer.info(), warned once):
+    - NaN and Inf: it loses a NaN of a query row with fewer than 16 keys (its row maximum
+      skips NaN, so the row comes out as zeros) and lets a NaN key hidden by a boolean mask
+      reach the rows that cannot see it: calls with a non-finite query, or whose output is
+      not finite, run the reference, which propagates NaN and Inf as documented;
+    - gradients of a query row whose every key is masked by a huge finite value (-1e30,
+      finfo.min): its backward recomputes p = exp(s - lse), and at |s| ~ 1e30 the float32
+      lse rounds away the difference (p = 1 instead of 1 / S). Calls that need gradients
+      and have such a row run the reference.
+    The checks cost a pass over the query, the output and a float mask's own elements;
+    under torch.compile (where they would break the graph) torch's result stands."""
     if query.device.type != "cpu" or torch.compiler.is_compiling():
         return run_torch()
-    if torch.isfinite(query).all():
+    reason = None
+    if not torch.isfinite(query).all():
+        reason = "NaN or Inf in the inputs"
+    elif _has_row_of_huge_mask_values(attn_mask, query, key, value):
+        reason = "a query row masked entirely by huge finite values, with gradients"
+    else:
         result = run_torch()
         out = result[0] if isinstance(result, tuple) else result
         if torch.isfinite(out).all():
             return result
+        reason = "NaN or Inf in the inputs"
     backend.note_fallback(
         OP,
         query.device,
         query.dtype,
-        reason="NaN or Inf in the inputs: computed by fastformer.reference, which "
-        "propagates them as documented",
+        reason=f"{reason}: computed by fastformer.reference, which handles them as documented",
         stacklevel=4,
     )
     return run_reference()
+
+
+def _has_row_of_huge_mask_values(attn_mask: Tensor | None, *inputs: Tensor) -> bool:
+    if attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dim() == 0:
+        return False
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, attn_mask))):
+        return False  # the forward is exact: only the backward needs the reference
+    row_max = attn_mask.detach().amax(dim=-1)
+    return bool(((row_max < _HUGE_MASK) & torch.isfinite(row_max)).any())
 
 
 def _attend(
@@ -345,8 +375,11 @@ def scaled_dot_product_attention(
             "scale": scale,
             "enable_gqa": enable_gqa,
         }
-        return _defined_non_finite(
+        return _cpu_kernel_or_reference(
             query,
+            key,
+            value,
+            attn_mask,
             lambda: torch_sdpa(query, key, value, **arguments),
             lambda: reference_attention(query, key, value, **arguments),
         )
@@ -360,7 +393,7 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         # Broadcast by strides (0 where broadcast): a view, not a copy.
         mask = attn_mask.expand(*query.shape[:-1], source).reshape(*q.shape[:-1], source)
-    out, _lse = _attend(
+    out, _stats = _attend(
         q,
         k,
         v,
@@ -431,15 +464,21 @@ def flash_attn_func(
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if _runs_torch(q, k, v, None):
         band = (scale, dropout_p, diagonal_offset, window_left, window_right)
-        out, lse = _defined_non_finite(
+        out, lse = _cpu_kernel_or_reference(
             qt,
+            kt,
+            vt,
+            None,
             lambda: _banded_attention_torch(qt, kt, vt, *band),
             lambda: _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention),
         )
     else:
-        out, lse = _attend(
+        out, stats = _attend(
             qt, kt, vt, None, scale, dropout_p, diagonal_offset, window_left, window_right
         )
+        from fastformer_kernels.attention import lse_of  # imported: the kernel just ran
+
+        lse = lse_of(stats)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
