@@ -18,8 +18,8 @@ Limits and choices:
   powers of two are padded inside the kernels by masked loads. Offsets are int64.
 - Online softmax in base 2: log2(e) is folded into the scale and the mask, exp2 throughout,
   float32 statistics and accumulators. fp32 inputs use IEEE dot products (no TF32). The
-  forward saves each row's max and log-sum apart (stats), not their sum lse, so that the
-  backward's s_ij - max_i stays exact in rows of huge scores; lse_of(stats) gives lse.
+  forward saves each row's max and log-sum apart (stats) for the backward, besides their
+  sum lse, so that the backward's s_ij - max_i stays exact in rows of huge scores.
 - The mask is read tile by tile through its four strides (0 where broadcast). Finite float
   mask values stay finite after scaling (finfo(float32).min does not become -inf).
 - Key blocks outside the band are skipped by the loop bounds; blocks wholly inside the band
@@ -52,7 +52,7 @@ from ._common import (
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2 = 0.6931471805599453
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 # ----------------------------------------------------------------------------------------
@@ -230,8 +230,9 @@ def _attention_fwd_kernel(
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
     SEED,  # [1] int64 Philox seed (unused without HAS_DROPOUT)
     OUT,  # [B, Hq, L, DV] output, contiguous, q's dtype
-    STATS,  # [B, Hq, L, 2] float32 row statistics (base 2): the row max of the scores and
-    #         log2 of the row sum; lse = (max + log2 sum) * ln 2. Contiguous.
+    LSE,  # [B, Hq, L] float32 log-sum-exp of the scores (natural log), contiguous
+    STATS,  # [B, Hq, L, 2] float32 row statistics (base 2) for the backward: the row max of
+    #         the scores and log2 of the row sum (lse = (max + log2 sum) * ln 2). Contiguous.
     stride_qb, stride_qh, stride_qm,  # strides of Q in elements (batch, head, row)
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_vb, stride_vh, stride_vn,  # strides of V
@@ -316,20 +317,17 @@ def _attention_fwd_kernel(
     out_rows = bh.to(tl.int64) * L + rows
     tl.store(OUT + out_rows[:, None] * DV + cols_dv[None, :], out.to(OUT.dtype.element_ty),
              mask=(rows < L)[:, None] & (cols_dv < DV)[None, :])
+    tl.store(LSE + out_rows, (row_max + log2_sum) * LN2, mask=rows < L)
     tl.store(STATS + out_rows * 2, row_max, mask=rows < L)
     tl.store(STATS + out_rows * 2 + 1, log2_sum, mask=rows < L)
 
 
 class AttentionForward(NamedTuple):
     out: torch.Tensor  # (B, Hq, L, Dv) in q's dtype
-    # (B, Hq, L, 2) float32: row max of the base-2 scores and log2 of the row sum, both -inf
-    # for a row whose keys are all masked; lse_of(stats) gives the log-sum-exp.
+    lse: torch.Tensor  # (B, Hq, L) float32; -inf for a row whose keys are all masked
+    # (B, Hq, L, 2) float32, for the backward: row max of the base-2 scores and log2 of the
+    # row sum, both -inf for a row whose keys are all masked.
     stats: torch.Tensor
-
-
-def lse_of(stats: torch.Tensor) -> torch.Tensor:
-    """The log-sum-exp (natural log, (B, Hq, L) float32) of the forward's row statistics."""
-    return (stats[..., 0] + stats[..., 1]) * LN2
 
 
 class _Problem(NamedTuple):
@@ -420,9 +418,10 @@ def attention_forward(
     batch, heads, length = problem.batch, problem.heads, problem.length
     value_dim = problem.value_dim
     out = empty((batch, heads, length, value_dim), q.dtype, q.device)
+    lse = empty((batch, heads, length), torch.float32, q.device)
     stats = empty((batch, heads, length, 2), torch.float32, q.device)
     if out.numel() == 0:
-        return AttentionForward(out, stats)
+        return AttentionForward(out, lse, stats)
     mask_arg, mask_strides = _mask_args(mask)
     has_dropout = dropout_p > 0.0
 
@@ -430,10 +429,10 @@ def attention_forward(
         return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
 
     _attention_fwd_kernel[grid](
-        q, k, v, mask_arg, seed if has_dropout else None, out, stats,
+        q, k, v, mask_arg, seed if has_dropout else None, out, lse, stats,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         heads, heads // problem.kv_heads, length, problem.source, problem.head_dim, value_dim,
         scale, diagonal_offset, window_left, window_right, dropout_p,
         **_features(problem, q, mask, dropout_p, window_left, window_right),
     )
-    return AttentionForward(out, stats)
+    return AttentionForward(out, lse, stats)

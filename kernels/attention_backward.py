@@ -24,7 +24,8 @@ Limits and choices:
   through p = NaN across such a row, as the reference's softmax. A float mask's -inf is
   added to the score, as in the reference, and hides nothing from a NaN.
 - grad_q, grad_k, grad_v are contiguous; grad_out and out may have any strides with a unit
-  last one; stats is (B, Hq, L, 2) float32 as the forward returns it.
+  last one; stats is (B, Hq, L, 2) float32 as the forward returns it. A gradient of the lse
+  output (grad_lse) enters as delta_i - grad_lse_i (d lse_i / d s_ij = p_ij).
 """
 
 from __future__ import annotations
@@ -289,6 +290,7 @@ def attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     stats: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     mask: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale: float,
@@ -330,6 +332,10 @@ def attention_backward(
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, length,
             problem.value_dim, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=features["BLOCK_DV"],
         )
+    if grad_lse is not None:
+        # d lse_i / d s_ij = p_ij: the lse's gradient G_i joins dS_ij = p_ij (dP_ij - delta_i)
+        # as p_ij G_i, that is delta_i - G_i in place of delta_i.
+        delta -= grad_lse.to(torch.float32)
     if batch * kv_heads * source > 0:
         def dkdv_grid(meta):
             return (triton.cdiv(source, meta["BLOCK_N"]) * batch * kv_heads,)

@@ -62,9 +62,10 @@ def attention_fwd(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
-) -> tuple[Tensor, Tensor]:
-    """(out (B, Hq, L, Dv), stats (B, Hq, L, 2) float32: row max and log2 row sum of the
-    base-2 scores, see kernels/attention.py) of q (B, Hq, L, D), k (B, Hkv, S, D),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (B, Hq, L, Dv), lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32: row max
+    and log2 row sum of the base-2 scores for the backward, see kernels/attention.py) of
+    q (B, Hq, L, D), k (B, Hkv, S, D),
     v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S) (stride 0 where broadcast)."""
     from fastformer_kernels.attention import attention_forward
 
@@ -79,7 +80,8 @@ def attention_fwd(
 def _(q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right):
     batch, heads, length, _ = q.shape
     out = q.new_empty((batch, heads, length, v.shape[-1]))
-    return out, q.new_empty((batch, heads, length, 2), dtype=torch.float32)
+    lse = q.new_empty((batch, heads, length), dtype=torch.float32)
+    return out, lse, q.new_empty((batch, heads, length, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
@@ -90,6 +92,7 @@ def attention_bwd(
     v: Tensor,
     out: Tensor,
     stats: Tensor,
+    grad_lse: Tensor | None,
     mask: Tensor | None,
     seed: Tensor | None,
     scale: float,
@@ -109,6 +112,7 @@ def attention_bwd(
             v,
             out,
             stats,
+            grad_lse,
             mask,
             seed,
             scale,
@@ -128,6 +132,7 @@ def _(
     v,
     out,
     stats,
+    grad_lse,
     mask,
     seed,
     scale,
@@ -142,15 +147,18 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, mask, seed, *band = inputs
-    out, stats = output
+    out, _lse, stats = output
+    ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(q, k, v, out, stats, mask, seed)
     ctx.band = band  # scale, dropout_p, diagonal_offset, window_left, window_right
 
 
-def _backward(ctx, grad_out, _grad_stats):
+def _backward(ctx, grad_out, grad_lse, _grad_stats):
     q, k, v, out, stats, mask, seed = ctx.saved_tensors
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, stats, mask, seed, *ctx.band)
+    grad_q, grad_k, grad_v = attention_bwd(
+        grad_out, q, k, v, out, stats, grad_lse, mask, seed, *ctx.band
+    )
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
 
@@ -262,7 +270,7 @@ def _attend(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
     seed = None
     if dropout_p > 0.0:
@@ -322,7 +330,9 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         )
     lead_q, lead_k = query.shape[:-2], key.shape[:-2]
     if enable_gqa and query.dim() >= 3:
-        if lead_q[:-1] != lead_k[:-1] or lead_q[-1] % lead_k[-1] != 0:
+        heads_q, heads_k = lead_q[-1], lead_k[-1]
+        divides = heads_q % heads_k == 0 if heads_k else heads_q == 0
+        if lead_q[:-1] != lead_k[:-1] or not divides:
             raise ValueError(
                 f"{OP}: with enable_gqa, key's heads (dim -3) must divide query's "
                 f"and the other dimensions match, got query {list(query.shape)} "
@@ -367,14 +377,18 @@ def scaled_dot_product_attention(
     applied whenever it is > 0, as torch does.
     """
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    arguments = {
+        "attn_mask": attn_mask,
+        "dropout_p": dropout_p,
+        "is_causal": is_causal,
+        "scale": scale,
+        "enable_gqa": enable_gqa,
+    }
+    if 0 in (query.numel(), key.numel(), value.numel()):
+        # Nothing to attend (no rows, no keys, no heads): zeros or an empty result, which
+        # the reference gives without a kernel launch.
+        return reference_attention(query, key, value, **arguments)
     if _runs_torch(query, key, value, attn_mask):
-        arguments = {
-            "attn_mask": attn_mask,
-            "dropout_p": dropout_p,
-            "is_causal": is_causal,
-            "scale": scale,
-            "enable_gqa": enable_gqa,
-        }
         return _cpu_kernel_or_reference(
             query,
             key,
@@ -393,7 +407,7 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         # Broadcast by strides (0 where broadcast): a view, not a copy.
         mask = attn_mask.expand(*query.shape[:-1], source).reshape(*q.shape[:-1], source)
-    out, _stats = _attend(
+    out, _lse, _stats = _attend(
         q,
         k,
         v,
@@ -449,7 +463,8 @@ def flash_attn_func(
             f"{name}: k and v must be (batch, seqlen_k, heads_k, *) with q's "
             f"batch, got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
         )
-    if k.shape[-1] != q.shape[-1] or q.shape[2] % k.shape[2] != 0:
+    divides = q.shape[2] % k.shape[2] == 0 if k.shape[2] else q.shape[2] == 0
+    if k.shape[-1] != q.shape[-1] or not divides:
         raise ValueError(
             f"{name}: k must have q's head_dim and a head count dividing q's, "
             f"got q {list(q.shape)} and k {list(k.shape)}"
@@ -462,8 +477,14 @@ def flash_attn_func(
     diagonal_offset = source - length
     # (B, L, H, D) -> (B, H, L, D): views; the kernels take any strides but the last.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    if _runs_torch(q, k, v, None):
-        band = (scale, dropout_p, diagonal_offset, window_left, window_right)
+    band = (scale, dropout_p, diagonal_offset, window_left, window_right)
+    if 0 in (
+        q.numel(),
+        k.numel(),
+        v.numel(),
+    ):  # nothing to attend: see scaled_dot_product_attention
+        out, lse = _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention)
+    elif _runs_torch(q, k, v, None):
         out, lse = _cpu_kernel_or_reference(
             qt,
             kt,
@@ -473,12 +494,9 @@ def flash_attn_func(
             lambda: _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention),
         )
     else:
-        out, stats = _attend(
+        out, lse, _stats = _attend(
             qt, kt, vt, None, scale, dropout_p, diagonal_offset, window_left, window_right
         )
-        from fastformer_kernels.attention import lse_of  # imported: the kernel just ran
-
-        lse = lse_of(stats)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
@@ -505,7 +523,7 @@ def _banded_attention_torch(
         visible &= cols >= rows - window_left
     if window_right >= 0:
         visible &= cols <= rows + window_right
-    groups = q.shape[1] // k.shape[1]
+    groups = q.shape[1] // k.shape[1] if k.shape[1] else 1
     out = attend(
         q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=scale, enable_gqa=groups > 1
     )

@@ -1,0 +1,369 @@
+"""Fuzzing of scaled_dot_product_attention and flash_attn_func (see tests/fuzzing.py)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+
+import fastformer
+from fastformer import reference
+from tests.fuzzing import (
+    CPU_DTYPES,
+    INTERPRETER_DTYPES,
+    Call,
+    Inputs,
+    Layout,
+    Problem,
+    assert_matches_reference,
+    fuzz_settings,
+    layouts,
+    randn,
+    requires_interpreter,
+    seeds,
+)
+
+# The Triton kernels take head dims in [16, 256]; these include non powers of two.
+INTERPRETER_HEAD_DIMS = [16, 24, 40, 64, 80]
+MASK_KINDS = ["none", "causal", "bool", "float", "float_grad"]
+
+
+def scales(head_dim: int) -> st.SearchStrategy[float | None]:
+    """None (the default 1/sqrt(E)) or 1/4 to 4 times it. Gradients grow with the scale;
+    far beyond that, float32's atol of 1e-5 fails even exact but reordered maths (flash
+    attention's dP - delta cancels to 1e-5 where the reference's is exactly 0)."""
+    return st.none() | st.floats(0.25, 4.0).map(lambda factor: factor / math.sqrt(head_dim))
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """An attention mask. `dims` describes its dimensions, aligned right with (..., L, S):
+    "full" (the target's size), "one" (size 1, broadcast by the op) or "expanded" (the
+    target's size with stride 0). A mask with fewer dims than the target broadcasts too."""
+
+    kind: str  # one of MASK_KINDS
+    dims: tuple[str, ...] = ()
+    layout: Layout = Layout(())  # noqa: RUF009 (a frozen dataclass: one shared default is safe)
+    dead_row: bool = False  # the mask's first query row keeps no key
+    holes: bool = False  # float masks: some entries are -inf
+    float32: bool = False  # float masks: float32 whatever the query's dtype (torch allows it)
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    batch: tuple[int, ...]  # leading dims before the heads dim
+    heads: tuple[int, int] | None  # (query heads, kv heads); None: no heads dim at all
+    length: int  # L, queries
+    source: int  # S, keys
+    head_dim: int
+    value_dim: int
+    dtype: torch.dtype
+    mask: MaskSpec
+    scale: float | None
+    enable_gqa: bool
+    layouts: tuple[Layout, Layout, Layout]  # q, k, v
+    broadcast_grad: bool
+    seed: int
+
+
+@st.composite
+def attention_cases(draw: st.DrawFn, *, interpreter: bool) -> AttentionCase:
+    # The interpreter gets tiny problems: it runs each program in Python.
+    smallest = 0
+    max_len = 40 if interpreter else 70
+    batch = tuple(draw(st.lists(st.integers(smallest, 3), max_size=1 if interpreter else 2)))
+    heads = None
+    if interpreter or draw(st.booleans()):
+        kv_heads = draw(st.integers(smallest, 2))
+        heads = (kv_heads * draw(st.integers(1, 2 if interpreter else 3)), kv_heads)
+    length = draw(st.integers(smallest, max_len))
+    source = draw(st.integers(smallest, max_len))
+    dims = st.sampled_from(INTERPRETER_HEAD_DIMS) if interpreter else st.integers(1, 96)
+    head_dim = draw(dims)
+    value_dim = draw(st.just(head_dim) | dims)
+    dtype = draw(st.sampled_from(INTERPRETER_DTYPES if interpreter else CPU_DTYPES))
+
+    kind = draw(st.sampled_from(MASK_KINDS))
+    mask = MaskSpec(kind)
+    if kind not in ("none", "causal"):
+        target_ndim = len(batch) + (heads is not None) + 2
+        # At least (L, S): torch's own function rejects some 1-D masks (an IndexError).
+        ndim = draw(st.integers(2, target_ndim))
+        how = st.sampled_from(["full", "one", "expanded"])
+        mask = MaskSpec(
+            kind,
+            tuple(draw(st.lists(how, min_size=ndim, max_size=ndim))),
+            draw(layouts(ndim)),
+            dead_row=draw(st.booleans()),
+            holes=kind != "bool" and draw(st.booleans()),
+            float32=kind != "bool" and draw(st.booleans()),
+        )
+    return AttentionCase(
+        batch=batch,
+        heads=heads,
+        length=length,
+        source=source,
+        head_dim=head_dim,
+        value_dim=value_dim,
+        dtype=dtype,
+        mask=mask,
+        scale=draw(scales(head_dim)),
+        enable_gqa=heads is not None and (heads[0] != heads[1] or draw(st.booleans())),
+        layouts=tuple(draw(layouts(len(batch) + (heads is not None) + 2)) for _ in range(3)),
+        broadcast_grad=draw(st.booleans()),
+        seed=draw(seeds),
+    )
+
+
+def _make_mask(
+    spec: MaskSpec, target: Sequence[int], dtype: torch.dtype, generator: torch.Generator
+) -> Tensor | None:
+    """The mask `spec` describes, for scores of shape `target` (..., L, S)."""
+    if spec.kind in ("none", "causal"):
+        return None
+    full = target[len(target) - len(spec.dims) :]
+    base_shape = [n if how == "full" else 1 for how, n in zip(spec.dims, full, strict=True)]
+    shape = [1 if how == "one" else n for how, n in zip(spec.dims, full, strict=True)]
+    values = randn(base_shape, torch.float32, generator, spec.layout)
+    has_rows = base_shape[-2] > 0
+    if spec.kind == "bool":
+        base = values > -0.5  # keeps about 70% of the keys
+        if spec.dead_row and has_rows:
+            base[..., 0, :] = False
+    else:
+        base = values.to(torch.float32 if spec.float32 else dtype)
+        if spec.holes:
+            base.masked_fill_(values < -1.0, float("-inf"))
+        if spec.dead_row and has_rows:
+            base[..., 0, :] = float("-inf")
+    return base.expand(shape)
+
+
+def sdpa_problem(
+    case: AttentionCase, generator: torch.Generator, dropout_p: float = 0.0
+) -> Problem:
+    q_lead = (*case.batch, *case.heads[:1]) if case.heads else case.batch
+    kv_lead = (*case.batch, *case.heads[1:]) if case.heads else case.batch
+    q_layout, k_layout, v_layout = case.layouts
+    inputs = {
+        "q": randn((*q_lead, case.length, case.head_dim), case.dtype, generator, q_layout),
+        "k": randn((*kv_lead, case.source, case.head_dim), case.dtype, generator, k_layout),
+        "v": randn((*kv_lead, case.source, case.value_dim), case.dtype, generator, v_layout),
+        "mask": _make_mask(case.mask, (*q_lead, case.length, case.source), case.dtype, generator),
+    }
+    kwargs = dict(
+        dropout_p=dropout_p,
+        is_causal=case.mask.kind == "causal",
+        scale=case.scale,
+        enable_gqa=case.enable_gqa,
+    )
+
+    def call(fn: Callable[..., Tensor]) -> Call:
+        return lambda t: {"out": fn(t["q"], t["k"], t["v"], attn_mask=t["mask"], **kwargs)}
+
+    return Problem(
+        inputs,
+        call(fastformer.scaled_dot_product_attention),
+        call(reference.scaled_dot_product_attention),
+        ["q", "k", "v"] + (["mask"] if case.mask.kind == "float_grad" else []),
+        case.dtype,
+    )
+
+
+def _half_precision_attention(problem: Problem) -> Problem:
+    """Both attention paths (PyTorch's fused CPU kernel and fastformer's Triton kernels)
+    are FlashAttention-2 backwards: delta = rowsum(dO * out) reads the output rounded to
+    the input dtype, while the reference's softmax backward is consistent with itself. In
+    half precision that alone puts the gradients of q and k (and of a float mask) at 2 to
+    40x the reference's error where attention is concentrated on few keys (xfail tests at
+    the end). So there they are checked to be finite; float32 checks them by the rule."""
+    if problem.dtype in (torch.float16, torch.bfloat16):
+        problem.only_finite = ("grad_q", "grad_k", "grad_mask")
+    return problem
+
+
+def check_sdpa(case: AttentionCase, *, strict: bool = False) -> None:
+    """The rule for case; `strict` applies it to half-precision q and k gradients too."""
+    generator = torch.Generator().manual_seed(case.seed)
+    problem = sdpa_problem(case, generator)
+    if not strict:
+        problem = _half_precision_attention(problem)
+    assert_matches_reference(problem, generator, case.broadcast_grad)
+
+
+@fuzz_settings(ci_examples=150)
+@given(attention_cases(interpreter=False))
+def test_sdpa_default_cpu_path(case: AttentionCase) -> None:
+    with fastformer.triton_on_cpu(False):
+        check_sdpa(case)
+
+
+@requires_interpreter
+@fuzz_settings(ci_examples=25)
+@given(attention_cases(interpreter=True))
+def test_sdpa_triton_interpreter(case: AttentionCase) -> None:
+    with warnings.catch_warnings():
+        # A float mask requiring grad runs torch's function instead, with a warning.
+        warnings.simplefilter("ignore", UserWarning)
+        with fastformer.triton_on_cpu(True):
+            check_sdpa(case)
+
+
+# ----------------------------------------------------------------------------------------
+# flash_attn_func: bottom-right causal, sliding windows, log-sum-exp
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlashCase:
+    batch: int
+    length: int  # L
+    source: int  # S
+    heads: tuple[int, int]  # (query heads, kv heads)
+    head_dim: int
+    value_dim: int
+    dtype: torch.dtype
+    causal: bool
+    window: tuple[int, int]  # (left, right), -1: unbounded
+    softmax_scale: float | None
+    return_lse: bool
+    layouts: tuple[Layout, Layout, Layout]  # of the (B, L, H, D) tensors
+    broadcast_grad: bool
+    seed: int
+
+
+@st.composite
+def flash_cases(draw: st.DrawFn, *, interpreter: bool) -> FlashCase:
+    smallest = 1 if interpreter else 0  # as for attention_cases
+    max_len = 40 if interpreter else 70
+    length, source = draw(st.integers(smallest, max_len)), draw(st.integers(smallest, max_len))
+    kv_heads = draw(st.integers(1, 2))
+    dims = st.sampled_from(INTERPRETER_HEAD_DIMS) if interpreter else st.integers(1, 96)
+    head_dim = draw(dims)
+    dtype = draw(st.sampled_from(INTERPRETER_DTYPES if interpreter else CPU_DTYPES))
+    side = st.integers(-1, max(length, source) + 1)
+    return FlashCase(
+        batch=draw(st.integers(smallest, 2)),
+        length=length,
+        source=source,
+        heads=(kv_heads * draw(st.integers(1, 2)), kv_heads),
+        head_dim=head_dim,
+        value_dim=draw(st.just(head_dim) | dims),
+        dtype=dtype,
+        causal=draw(st.booleans()),
+        window=(draw(side), draw(side)),
+        softmax_scale=draw(scales(head_dim)),
+        # The log-sum-exp is float32 by contract: float64 tolerances do not apply to it.
+        return_lse=dtype != torch.float64 and draw(st.booleans()),
+        layouts=tuple(draw(layouts(4)) for _ in range(3)),
+        broadcast_grad=draw(st.booleans()),
+        seed=draw(seeds),
+    )
+
+
+def _visible(case: FlashCase) -> Tensor:
+    """The (L, S) band flash-attn's causal and window_size keep: key j for query i when
+    i + S - L - left <= j <= i + S - L + right (right = 0 when causal)."""
+    rows = torch.arange(case.length)[:, None] + case.source - case.length
+    cols = torch.arange(case.source)[None, :]
+    left, right = case.window[0], 0 if case.causal else case.window[1]
+    visible = torch.ones(case.length, case.source, dtype=torch.bool)
+    if left >= 0:
+        visible &= cols >= rows - left
+    if right >= 0:
+        visible &= cols <= rows + right
+    return visible
+
+
+def _reference_flash(case: FlashCase) -> Call:
+    """flash_attn_func through reference.scaled_dot_product_attention with the band as a
+    mask, and the log-sum-exp of the scores as the reference computes them."""
+    visible = _visible(case)
+    groups = case.heads[0] // case.heads[1]
+
+    def call(t: Inputs) -> dict[str, Tensor]:
+        q, k, v = (t[name].transpose(1, 2) for name in ("q", "k", "v"))  # (B, H, L, D)
+        out = reference.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible, scale=case.softmax_scale, enable_gqa=True
+        )
+        results = {"out": out.transpose(1, 2)}
+        if case.return_lse:
+            scale = case.softmax_scale or 1.0 / math.sqrt(case.head_dim)
+            k = k.repeat_interleave(groups, dim=1)
+            scores = (q @ k.transpose(-2, -1)).to(reference.accumulation_dtype(q.dtype)) * scale
+            lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            # Compared, not backpropagated: test_triton_lse_gradient checks its gradient.
+            results["lse"] = lse.detach()
+        return results
+
+    return call
+
+
+def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float = 0.0) -> Problem:
+    (q_heads, kv_heads), (q_layout, k_layout, v_layout) = case.heads, case.layouts
+    batch, dtype = case.batch, case.dtype
+    inputs: Inputs = {
+        "q": randn((batch, case.length, q_heads, case.head_dim), dtype, generator, q_layout),
+        "k": randn((batch, case.source, kv_heads, case.head_dim), dtype, generator, k_layout),
+        "v": randn((batch, case.source, kv_heads, case.value_dim), dtype, generator, v_layout),
+    }
+
+    def fast(t: Inputs) -> dict[str, Tensor]:
+        result = fastformer.flash_attn_func(
+            t["q"],
+            t["k"],
+            t["v"],
+            dropout_p=dropout_p,
+            softmax_scale=case.softmax_scale,
+            causal=case.causal,
+            window_size=case.window,
+            return_lse=case.return_lse,
+        )
+        if not case.return_lse:
+            return {"out": result}
+        out, lse = result
+        return {"out": out, "lse": lse.detach()}
+
+    return Problem(
+        inputs,
+        fast,
+        _reference_flash(case),
+        ["q", "k", "v"],
+        dtype,
+        may_be_neginf=("lse",) if case.return_lse else (),
+    )
+
+
+def check_flash(case: FlashCase, *, strict: bool = False) -> None:
+    """The rule for case; `strict` applies it to half-precision q and k gradients too."""
+    generator = torch.Generator().manual_seed(case.seed)
+    problem = flash_problem(case, generator)
+    if not strict:
+        problem = _half_precision_attention(problem)
+    assert_matches_reference(problem, generator, case.broadcast_grad)
+
+
+@fuzz_settings(ci_examples=150)
+@given(flash_cases(interpreter=False))
+def test_flash_attn_func_default_cpu_path(case: FlashCase) -> None:
+    with fastformer.triton_on_cpu(False):
+        check_flash(case)
+
+
+@requires_interpreter
+@fuzz_settings(ci_examples=15)
+@given(flash_cases(interpreter=True))
+def test_flash_attn_func_triton_interpreter(case: FlashCase) -> None:
+    with fastformer.triton_on_cpu(True):
+        check_flash(case)
+
+
+# ----------------------------------------------------------------------------------------
+# layer_norm_residual
+# ----------------------------------------------------------------------------------------
