@@ -362,8 +362,3 @@ def test_flash_attn_func_default_cpu_path(case: FlashCase) -> None:
 def test_flash_attn_func_triton_interpreter(case: FlashCase) -> None:
     with fastformer.triton_on_cpu(True):
         check_flash(case)
-
-
-# ----------------------------------------------------------------------------------------
-# layer_norm_residual
-# ----------------------------------------------------------------------------------------
