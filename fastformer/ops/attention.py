@@ -257,7 +257,13 @@ def _all_finite(tensor: Tensor) -> bool:
     small tensors): either makes the sum non-finite. A sum of finite values that overflows
     reads as non-finite too, which only sends the call down the exact, slower path."""
     accumulate = torch.float32 if tensor.element_size() < 4 else tensor.dtype
-    return math.isfinite(tensor.sum(dtype=accumulate).item())
+    return math.isfinite(_distinct(tensor).sum(dtype=accumulate).item())
+
+
+def _distinct(tensor: Tensor) -> Tensor:
+    """`tensor` with its broadcast (stride-0) dimensions cut to one: the same values, each
+    read once, so that a check of an expanded tensor costs what its storage holds."""
+    return tensor[tuple(slice(0, 1) if s == 0 else slice(None) for s in tensor.stride())]
 
 
 def _has_row_of_huge_mask_values(attn_mask: Tensor | None, *inputs: Tensor) -> bool:
@@ -265,7 +271,7 @@ def _has_row_of_huge_mask_values(attn_mask: Tensor | None, *inputs: Tensor) -> b
         return False
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, attn_mask))):
         return False  # the forward is exact: only the backward needs the reference
-    row_max = attn_mask.detach().amax(dim=-1)
+    row_max = _distinct(attn_mask.detach()).amax(dim=-1)
     return bool(((row_max < _HUGE_MASK) & torch.isfinite(row_max)).any())
 
 
