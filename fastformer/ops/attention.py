@@ -263,7 +263,10 @@ def _all_finite(tensor: Tensor) -> bool:
 def _distinct(tensor: Tensor) -> Tensor:
     """`tensor` with its broadcast (stride-0) dimensions cut to one: the same values, each
     read once, so that a check of an expanded tensor costs what its storage holds."""
-    return tensor[tuple(slice(0, 1) if s == 0 else slice(None) for s in tensor.stride())]
+    strides = tensor.stride()
+    if 0 not in strides:  # the usual case, without the cost of indexing
+        return tensor
+    return tensor[tuple(slice(0, 1) if s == 0 else slice(None) for s in strides)]
 
 
 def _has_row_of_huge_mask_values(attn_mask: Tensor | None, *inputs: Tensor) -> bool:
