@@ -109,18 +109,9 @@ def attention_flops(
 
 
 def _cases(ctx: Context) -> list[Case]:
-    gpu = ctx.device.type == "cuda"
-    if gpu:
-        shapes = GPU_FULL_SHAPES if ctx.full else GPU_SHAPES
-    else:
-        shapes = CPU_FULL_SHAPES if ctx.full else CPU_SHAPES
-    if ctx.dtype is not None:
-        dtypes = [ctx.dtype]
-    elif gpu:
-        dtypes = [torch.bfloat16, torch.float16] if ctx.full else [torch.bfloat16]
-    else:
-        dtypes = [torch.float32, torch.bfloat16] if ctx.full else [torch.float32]
-    modes = ALL_MODES if ctx.full or not gpu else GPU_MODES
+    shapes = ctx.pick(CPU_SHAPES, CPU_FULL_SHAPES, GPU_SHAPES, GPU_FULL_SHAPES)
+    dtypes = ctx.dtypes([torch.float32, torch.bfloat16], [torch.bfloat16, torch.float16])
+    modes = ctx.pick(ALL_MODES, ALL_MODES, GPU_MODES, ALL_MODES)
     cases = []
     # Ordered so that each plot panel (mode, head_dim, causal) reads as one run of seqlens.
     for dtype, mode, head_dim, causal, seqlen in itertools.product(

@@ -145,17 +145,8 @@ def feed_forward_flops(tokens: int, d_model: int, hidden: int, activation: str, 
 def _cases(ctx: Context) -> list[Case]:
     gpu = ctx.device.type == "cuda"
     tokens = GPU_TOKENS if gpu else CPU_TOKENS
-    shapes = (
-        (GPU_FULL_SHAPES if ctx.full else GPU_SHAPES)
-        if gpu
-        else (CPU_FULL_SHAPES if ctx.full else CPU_SHAPES)
-    )
-    if ctx.dtype is not None:
-        dtypes = [ctx.dtype]
-    elif gpu:
-        dtypes = [torch.bfloat16, torch.float16] if ctx.full else [torch.bfloat16]
-    else:
-        dtypes = [torch.float32, torch.bfloat16] if ctx.full else [torch.float32]
+    shapes = ctx.pick(CPU_SHAPES, CPU_FULL_SHAPES, GPU_SHAPES, GPU_FULL_SHAPES)
+    dtypes = ctx.dtypes([torch.float32, torch.bfloat16], [torch.bfloat16, torch.float16])
     cases = []
     for dtype in dtypes:
         for mode in ("fwd", "fwd+bwd"):

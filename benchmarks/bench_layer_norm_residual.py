@@ -100,18 +100,10 @@ def required_bytes(
 
 
 def _cases(ctx: Context) -> list[Case]:
-    gpu = ctx.device.type == "cuda"
-    rows, hiddens = (
-        (GPU_FULL_SHAPES if ctx.full else GPU_SHAPES)
-        if gpu
-        else (CPU_FULL_SHAPES if ctx.full else CPU_SHAPES)
+    rows, hiddens = ctx.pick(CPU_SHAPES, CPU_FULL_SHAPES, GPU_SHAPES, GPU_FULL_SHAPES)
+    dtypes = ctx.dtypes(
+        [torch.float32, torch.bfloat16], [torch.bfloat16, torch.float16, torch.float32]
     )
-    if ctx.dtype is not None:
-        dtypes = [ctx.dtype]
-    elif gpu:
-        dtypes = [torch.bfloat16, torch.float16, torch.float32] if ctx.full else [torch.bfloat16]
-    else:
-        dtypes = [torch.float32, torch.bfloat16] if ctx.full else [torch.float32]
     cases = []
     for dtype in dtypes:
         size = dtype.itemsize

@@ -110,16 +110,8 @@ def _cases(ctx: Context) -> list[Case]:
     gpu = ctx.device.type == "cuda"
     model = GPU_MODEL if gpu else CPU_MODEL
     per_side = GPU_TOKENS if gpu else CPU_TOKENS
-    if gpu:
-        lengths = GPU_FULL_LENGTHS if ctx.full else GPU_LENGTHS
-    else:
-        lengths = CPU_FULL_LENGTHS if ctx.full else CPU_LENGTHS
-    if ctx.dtype is not None:
-        dtypes = [ctx.dtype]
-    elif gpu:
-        dtypes = [torch.bfloat16, torch.float16] if ctx.full else [torch.bfloat16]
-    else:
-        dtypes = [torch.float32]
+    lengths = ctx.pick(CPU_LENGTHS, CPU_FULL_LENGTHS, GPU_LENGTHS, GPU_FULL_LENGTHS)
+    dtypes = ctx.dtypes([torch.float32], [torch.bfloat16, torch.float16])
     variants = [(length, True) for length in lengths]
     if ctx.full:
         variants.append((lengths[0], False))  # post-norm at the first length

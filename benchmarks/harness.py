@@ -494,6 +494,21 @@ class Context:
     full: bool
     budget_s: float  # CPU timing budget per provider and case
 
+    def pick(self, cpu: T, cpu_full: T, gpu: T, gpu_full: T) -> T:
+        """A suite's setting for this run: by device, and whether --full."""
+        if self.device.type == "cuda":
+            return gpu_full if self.full else gpu
+        return cpu_full if self.full else cpu
+
+    def dtypes(
+        self, cpu_full: Sequence[torch.dtype], gpu_full: Sequence[torch.dtype]
+    ) -> list[torch.dtype]:
+        """The dtypes to run: --dtype's, else float32 on CPU and bfloat16 on a GPU, or the
+        suite's lists with --full."""
+        if self.dtype is not None:
+            return [self.dtype]
+        return list(self.pick([torch.float32], cpu_full, [torch.bfloat16], gpu_full))
+
     @property
     def target_context(self) -> dict[str, Any]:
         return {"device": self.device.type, "threads": self.info.threads}

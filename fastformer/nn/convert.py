@@ -16,6 +16,7 @@ from .transformer import (
     TransformerDecoderLayer,
     TransformerEncoder,
     TransformerEncoderLayer,
+    has_hooks,
 )
 
 __all__ = ["ConversionReport", "ConversionWarning", "convert"]
@@ -59,15 +60,6 @@ _CONVERTERS: dict[type, Callable[[torch.nn.Module], torch.nn.Module]] = {
 _NORMS = ("norm1", "norm2", "norm3")
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
-
-
 def _why_not(module: torch.nn.Module) -> str:
     """Why `module`, a torch.nn class convert knows (or a subclass), stays: "" if it can go."""
     torch_class = next(cls for cls in _CONVERTERS if isinstance(module, cls))
@@ -76,7 +68,7 @@ def _why_not(module: torch.nn.Module) -> str:
             f"{type(module).__qualname__} subclasses torch.nn.{torch_class.__name__} "
             "(its forward may differ)"
         )
-    if _has_hooks(module):
+    if has_hooks(module):
         return "has forward/backward hooks"
     if isinstance(module, torch.nn.MultiheadAttention) and (
         module.bias_k is not None or module.add_zero_attn

@@ -90,7 +90,8 @@ def _add_norm(
     )
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether hooks are registered on `module` (its replacement would not run them)."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
@@ -415,7 +416,7 @@ def _streams(layers: torch.nn.ModuleList, layer_type: type) -> bool:
     return (
         len(layers) > 0
         and all(
-            type(layer) is layer_type and layer.norm_first and not _has_hooks(layer)
+            type(layer) is layer_type and layer.norm_first and not has_hooks(layer)
             for layer in layers
         )
         and not torch.nn.modules.module._global_forward_hooks
@@ -428,7 +429,7 @@ def _finish_stream(
 ) -> Tensor:
     """The stack's output from the last layer's (ff, h): norm(h + dropout(ff)), fused when
     the norm is fastformer's LayerNorm."""
-    if type(norm) is LayerNorm and not _has_hooks(norm):
+    if type(norm) is LayerNorm and not has_hooks(norm):
         return _add_norm(norm, x, h, dropout_p, training)[0]
     out = h + F.dropout(x, dropout_p, training)
     return out if norm is None else norm(out)
