@@ -51,6 +51,27 @@ TORCH_LIBRARY(fastformer, m) {
       "Tensor? preact, str activation, float dropout_p, Tensor? seed, bool has_b2) "
       "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
 
+  // Flash attention on CPU tensors (float32, float64): the kernels fastformer::attention_fwd /
+  // _bwd (fastformer/ops/attention.py) run for CPU tensors unless Triton's interpreter is
+  // switched on. q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) with a unit last
+  // stride, Hkv dividing Hq; mask broadcast to (B, Hq, L, S) by its strides (bool keeps where
+  // true, float is added to the scores). Key j is visible to query i iff
+  //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
+  // (a negative side is unbounded). Returns out (B, Hq, L, Dv), lse (B, Hq, L) and stats
+  // (B, Hq, L, 2) = (row max, log2 row sum) of the base-2 scores, all in q's dtype; a row
+  // that sees no key gives zeros and lse -inf. Dropout as in feed_forward_fwd, drawn at
+  // offset ((b * Hq + h) * L + i) * S + j.
+  m.def(
+      "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, float scale, "
+      "float dropout_p, int diagonal_offset, int window_left, int window_right) "
+      "-> (Tensor out, Tensor lse, Tensor stats)");
+  // Backward of the above; grad_lse, when given, is the gradient flowing into lse.
+  m.def(
+      "cpu_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor stats, Tensor? grad_lse, Tensor? mask, Tensor? seed, float scale, "
+      "float dropout_p, int diagonal_offset, int window_left, int window_right) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
   // The cache of freed CPU output blocks (cpu_allocation.h): its state
   // [cached_bytes, cached_blocks, limit_bytes, reuses, fresh], and a call that empties it.
   m.def("cpu_cache_stats() -> int[]", &fastformer::cpu_cache_stats);

@@ -30,7 +30,6 @@ TRITON = "triton"
 TRITON_INTERPRETER = "triton (interpreter)"
 CPP = "c++"
 CUDA_CPP = "c++/cuda"
-TORCH_CPU_KERNEL = "torch (fused CPU kernel)"
 TORCH_FALLBACK = "torch (fallback)"
 
 CPU_BACKEND_ENV = "FASTFORMER_CPU_BACKEND"
@@ -44,8 +43,6 @@ class OpSupport:
     cpu_dtypes: tuple[torch.dtype, ...]
     # what runs CUDA tensors of cuda_dtypes: the Triton kernels, or the extension's CUDA ones
     cuda_implementation: str = TRITON
-    # what runs CPU tensors of cpu_dtypes: the C++ kernels, or PyTorch's own fused CPU kernel
-    cpu_implementation: str = CPP
     # dispatcher op name -> "module:function" of its Triton launcher, which takes the op's
     # arguments in schema order; registered for CUDA (and CPU on demand), imported on first
     # call so that importing fastformer does not import Triton.
@@ -160,7 +157,7 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and cpu_runs_triton() and uses_triton:
         return TRITON_INTERPRETER if dtype in support.cuda_dtypes else TORCH_FALLBACK
     if device.type == "cpu" and dtype in support.cpu_dtypes:
-        return support.cpu_implementation
+        return CPP
     return TORCH_FALLBACK
 
 

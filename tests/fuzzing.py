@@ -7,10 +7,9 @@ value head dims != query/key head dims), dtypes, feature flags, masks and memory
 (permuted views such as (B, L, H, D) buffers read as (B, H, L, D), step-2 slices with a
 storage offset, stride-0 expanded masks and residuals, stride-0 incoming gradients) for
 
-- fastformer.scaled_dot_product_attention and fastformer.flash_attn_func, on the default
-  CPU path (PyTorch's fused CPU kernel, through fastformer's dispatch) and on the Triton
-  kernels through Triton's interpreter (float32 and float16 only, tiny shapes: the
-  interpreter is slow);
+- fastformer.scaled_dot_product_attention and fastformer.flash_attn_func, on the C++ CPU
+  kernels and on the Triton kernels through Triton's interpreter (float32 and float16
+  only, tiny shapes: the interpreter is slow);
 - fastformer.layer_norm_residual, on the C++ CPU kernels and the Triton kernels;
 - fastformer.feed_forward, on the C++ CPU kernels, with every activation;
 

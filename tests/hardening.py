@@ -2,10 +2,9 @@
 each test runs on, seeded inputs, each op's (fast, same precision, float64 reference)
 results, and comparisons that require NaN and Inf exactly where the reference has them.
 
-Implementations: "cpu" is fastformer's CPU path (the C++ kernels; PyTorch's fused CPU kernel
-for attention), "interpreter" the Triton kernels run by Triton's interpreter on CPU tensors
-(fp32 and tiny shapes: it runs every program in Python, ~10 ms each), "cuda" the GPU kernels
-(skipped without a GPU).
+Implementations: "cpu" is fastformer's CPU path (the C++ kernels), "interpreter" the Triton
+kernels run by Triton's interpreter on CPU tensors (fp32 and tiny shapes: it runs every
+program in Python, ~10 ms each), "cuda" the GPU kernels (skipped without a GPU).
 """
 
 from __future__ import annotations

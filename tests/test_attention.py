@@ -1,6 +1,6 @@
 """fastformer.scaled_dot_product_attention and flash_attn_func against fastformer/reference.py
-(the Triton kernels: through the interpreter on CPU, natively on a GPU), and the SDPA
-semantics checked against torch's own function."""
+(the C++ CPU kernels; the Triton kernels through the interpreter on CPU, natively on a GPU),
+and the SDPA semantics checked against torch's own function."""
 
 from __future__ import annotations
 
@@ -9,30 +9,27 @@ import torch
 import torch.nn.functional as F
 
 import fastformer
-from fastformer import backend, reference
-from tests.conftest import HAS_CUDA
+from fastformer import reference
+from tests.conftest import (
+    HAS_EXTENSION,
+    HAS_INTERPRETER,
+    implementation_cases,
+    requires_extension,
+)
 from tests.tolerance import assert_all_close_to_reference
 
-# (device, dtype, atol) for the Triton kernels; bfloat16 only on a GPU (the interpreter
-# mishandles it).
-KERNEL_CASES = [
-    pytest.param("cpu", torch.float32, 1e-5, id="interpreter-float32"),
-    pytest.param("cpu", torch.float16, 1e-3, id="interpreter-float16"),
-]
-if HAS_CUDA:
-    KERNEL_CASES = [
-        pytest.param("cuda", dtype, atol, id=f"cuda-{str(dtype)[6:]}")
-        for dtype, atol in ((torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2))
-    ]
+# (device, implementation, dtype, atol): the C++ CPU kernels (float16 and bfloat16 computed in
+# float32, float64 too), the Triton kernels through the interpreter (no bfloat16: the
+# interpreter mishandles it) and on a GPU.
+KERNEL_CASES = implementation_cases()
+if HAS_EXTENSION:
+    KERNEL_CASES.append(pytest.param("cpu", "c++", torch.float64, 1e-10, id="cpu-c++-float64"))
 
 
 @pytest.fixture
-def kernels(device):
-    """Run the Triton kernels for the test's device (the interpreter for CPU tensors)."""
-    if device == "cpu" and not backend.triton_interpreter_enabled():
-        pytest.skip("needs the Triton interpreter")
-    with fastformer.triton_on_cpu(device == "cpu"):
-        yield
+def kernels(use_implementation, device, impl):
+    """Run the test's implementation (C++ or Triton) for its device."""
+    use_implementation(device, impl)
 
 
 def _randn(*shape, dtype, device, generator):
@@ -89,12 +86,14 @@ def _mask(kind, batch, heads, length, source, *, device, dtype, generator):
     return None
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("lengths", [(1, 17), (17, 17), (37, 70), (70, 37)], ids=str)
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("head_dims", [(16, 16), (40, 24)], ids=["d16", "d40-dv24"])
-def test_matches_reference(kernels, device, dtype, atol, mask_kind, lengths, heads, head_dims):
+def test_matches_reference(
+    kernels, device, impl, dtype, atol, mask_kind, lengths, heads, head_dims
+):
     generator = torch.Generator().manual_seed(hash((mask_kind, lengths, heads, head_dims)) % 2**31)
     (length, source), (q_heads, kv_heads), (dim, value_dim) = lengths, heads, head_dims
     batch = 2
@@ -113,8 +112,8 @@ def test_matches_reference(kernels, device, dtype, atol, mask_kind, lengths, hea
     _check(tensors, atol, is_causal=mask_kind == "causal", enable_gqa=q_heads != kv_heads)
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
-def test_fully_masked_rows_give_zeros_and_finite_grads(kernels, device, dtype, atol):
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
+def test_fully_masked_rows_give_zeros_and_finite_grads(kernels, device, impl, dtype, atol):
     generator = torch.Generator().manual_seed(2)
     q, k, v = (
         _randn(1, 2, n, 32, dtype=dtype, device=device, generator=generator) for n in (5, 9, 9)
@@ -129,12 +128,12 @@ def test_fully_masked_rows_give_zeros_and_finite_grads(kernels, device, dtype, a
     assert torch.all(q.grad[:, :, 1] == 0)
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
 @pytest.mark.parametrize(
     "window, causal", [((-1, -1), True), ((3, 0), True), ((2, 5), False), ((-1, 4), False)]
 )
 @pytest.mark.parametrize("lengths", [(9, 23), (23, 9), (16, 16)], ids=str)
-def test_flash_attn_func_band_and_lse(kernels, device, dtype, atol, window, causal, lengths):
+def test_flash_attn_func_band_and_lse(kernels, device, impl, dtype, atol, window, causal, lengths):
     """Bottom-right causal and sliding windows, against the reference with the band as an
     explicit mask; the log-sum-exp against float64."""
     generator = torch.Generator().manual_seed(3)
@@ -187,8 +186,8 @@ def _dropout_keep(device, dtype, p, seed, length=7, source=48):
     return out[0, 0].float() * (1 - p) * source > 0.5
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
-def test_dropout_statistics_seeding_and_gradients(kernels, device, dtype, atol):
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
+def test_dropout_statistics_seeding_and_gradients(kernels, device, impl, dtype, atol):
     p = 0.3
     keeps = [_dropout_keep(device, dtype, p, seed, length=64, source=128) for seed in (1, 1, 2)]
     kept = keeps[0].float().mean().item()
@@ -219,9 +218,35 @@ def test_dropout_statistics_seeding_and_gradients(kernels, device, dtype, atol):
     assert_all_close_to_reference(fast, same, ref64, atol)
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
+CPP_CASES = [c for c in KERNEL_CASES if c.values[1] == "c++"]
+
+
+@pytest.mark.parametrize("device, impl, dtype, atol", CPP_CASES)
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "broadcast_heads"])
+@pytest.mark.parametrize("head_dims", [(72, 40), (3, 5)], ids=["d72-dv40", "d3-dv5"])
+def test_cpp_many_tiles(kernels, device, impl, dtype, atol, mask_kind, head_dims):
+    """Several query and key tiles of the C++ kernels (64 x 512 forward, 64 x 128 backward),
+    one (batch, kv head) pair (so the backward splits its keys between the threads), head
+    dims the Triton kernels do not take."""
+    generator = torch.Generator().manual_seed(7)
+    (length, source), (dim, value_dim) = (150, 1100), head_dims
+    tensors = {
+        name: _randn(1, heads, n, d, dtype=dtype, device=device, generator=generator)
+        for name, heads, n, d in (
+            ("q", 2, length, dim),
+            ("k", 1, source, dim),
+            ("v", 1, source, value_dim),
+        )
+    }
+    mask = _mask(mask_kind, 1, 2, length, source, device=device, dtype=dtype, generator=generator)
+    if mask is not None:
+        tensors["mask"] = mask
+    _check(tensors, atol, is_causal=mask_kind == "causal", enable_gqa=True)
+
+
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 160, 192, 256])
-def test_head_dims(kernels, device, dtype, atol, head_dim):
+def test_head_dims(kernels, device, impl, dtype, atol, head_dim):
     generator = torch.Generator().manual_seed(head_dim)
     tensors = {
         name: _randn(1, 2, n, head_dim, dtype=dtype, device=device, generator=generator)
@@ -230,8 +255,8 @@ def test_head_dims(kernels, device, dtype, atol, head_dim):
     _check(tensors, atol, is_causal=True)
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES)
-def test_torch_compile_fullgraph(kernels, device, dtype, atol):
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
+def test_torch_compile_fullgraph(kernels, device, impl, dtype, atol):
     torch._dynamo.reset()
 
     def attend(q, k, v):
@@ -251,8 +276,8 @@ def test_torch_compile_fullgraph(kernels, device, dtype, atol):
         torch.testing.assert_close(compiled, eager)
 
 
-@pytest.mark.parametrize("device, dtype, atol", KERNEL_CASES[:1])
-def test_patch_sdpa_reaches_torch_nn_modules(kernels, device, dtype, atol):
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES[:1])
+def test_patch_sdpa_reaches_torch_nn_modules(kernels, device, impl, dtype, atol):
     torch.manual_seed(6)
     layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True).to(device)
     attention = torch.nn.MultiheadAttention(64, 4, batch_first=True).to(device)  # head dim 16
@@ -286,8 +311,9 @@ def test_patch_and_unpatch_compose():
     assert F.scaled_dot_product_attention is torch_function
 
 
-def test_cpu_runs_torchs_fused_kernel_with_the_same_results():
-    """Without the interpreter switch, CPU tensors run PyTorch's own kernel: reported by
+@requires_extension
+def test_cpu_runs_the_cpp_kernels_with_torchs_results():
+    """Without the interpreter switch, CPU tensors run fastformer's C++ kernels: reported by
     info() and not counted as a fallback."""
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 8)
     calls = dict(fastformer.info()["fallback_calls"])
@@ -296,8 +322,21 @@ def test_cpu_runs_torchs_fused_kernel_with_the_same_results():
         out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.5)
     )
     assert fastformer.info()["fallback_calls"] == calls
-    implementation = fastformer.info()["ops"]["scaled_dot_product_attention"]["cpu"]["float32"]
-    assert implementation == "torch (fused CPU kernel)"
+    implementations = fastformer.info()["ops"]["scaled_dot_product_attention"]["cpu"]
+    assert set(implementations.values()) == {"c++"}
+
+
+@requires_extension
+@pytest.mark.skipif(not HAS_INTERPRETER, reason="needs the Triton interpreter")
+def test_cpp_and_triton_draw_the_same_dropout_mask():
+    """Both CPU implementations draw dropout from the same Philox stream (csrc/philox.h):
+    the same seed keeps the same elements."""
+    keeps = []
+    for triton in (False, True):
+        with fastformer.triton_on_cpu(triton):
+            keeps.append(_dropout_keep("cpu", torch.float32, 0.4, seed=11, length=9, source=37))
+    assert 0 < keeps[0].sum() < keeps[0].numel()
+    assert torch.equal(keeps[0], keeps[1])
 
 
 BAD_INPUTS = [

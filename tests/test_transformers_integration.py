@@ -4,8 +4,8 @@ Tiny models built from configs (nothing downloaded), each built once and switche
 implementations with set_attn_implementation, so both run the same weights: logits agree on
 the positions the attention mask keeps (padding rows may differ: eager gives a fully masked
 row uniform weights, SDPA zeros), greedy generate() gives the same tokens, and a spy checks
-that fastformer's attention really ran. On CPU both fastformer paths run: PyTorch's fused CPU
-kernel and the Triton kernel through the interpreter; on a GPU, the Triton kernel.
+that fastformer's attention really ran. On CPU both fastformer paths run: its C++ CPU kernels
+and the Triton kernel through the interpreter; on a GPU, the Triton kernel.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in multiply
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # fastformer's attention path: the Triton kernel (natively on a GPU, else through the
-# interpreter), and on CPU also PyTorch's fused CPU kernel, fastformer's CPU default.
-PATHS = ["triton"] if HAS_CUDA else ["cpu-kernel"] + (["triton"] if HAS_INTERPRETER else [])
+# interpreter), and on CPU also the C++ kernels, fastformer's CPU default.
+PATHS = ["triton"] if HAS_CUDA else ["c++"] + (["triton"] if HAS_INTERPRETER else [])
 # fp32 logits: the same maths in another order (a GPU's eager matmuls may use other kernels).
 ATOL = 1e-4 if HAS_CUDA else 1e-5
 VOCAB, PAD = 100, 0
@@ -371,9 +371,9 @@ def test_softcap_falls_back_to_eager():
 
 
 def test_t5_training_position_bias(path):
-    """In training T5's position bias requires grad: the Triton kernel does not take such a
-    mask, so fastformer hands those calls to torch's function, counted (on CPU, PyTorch's
-    fused kernel takes them directly); gradients match eager either way."""
+    """In training T5's position bias requires grad: fastformer's kernels do not take such a
+    mask, so fastformer hands those calls to torch's function, counted; gradients match
+    eager."""
     net = model("t5").train()  # built with dropout_rate 0: deterministic
     ids, mask = _batch()
     inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5])
@@ -387,7 +387,7 @@ def test_t5_training_position_bias(path):
         _assert_close(fast[name], ref[name])
     fell_back = backend.fallback_counts["scaled_dot_product_attention"] - before
     # The 4 self-attention calls carry the learned bias; cross-attention's bias is zeros.
-    assert fell_back == (4 if path == "triton" else 0)
+    assert fell_back == 4
 
 
 def test_enable_is_idempotent():

@@ -19,7 +19,7 @@ attention_forward follows transformers' sdpa_attention_forward: `is_causal` (upp
 for a causal layer with more than one query and no mask; T5's relative position bias
 (`position_bias`) merged into a float additive mask; grouped key/value heads passed as they
 are with enable_gqa (never repeated). fastformer.scaled_dot_product_attention then runs the
-Triton kernel on GPUs (on CPU: PyTorch's fused CPU kernel, or the Triton interpreter inside
+Triton kernel on GPUs (on CPU: its C++ kernels, or the Triton interpreter inside
 fastformer.triton_on_cpu()), and itself hands calls its kernel cannot take (e.g. a float mask
 that requires grad, as T5's position bias does in training) to torch's function, counted.
 

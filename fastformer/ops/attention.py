@@ -1,11 +1,12 @@
 """fastformer.scaled_dot_product_attention and fastformer.flash_attn_func: flash attention.
 
 The dispatcher ops fastformer::attention_fwd / _bwd are defined here with
-torch.library.custom_op (their kernels are Triton, so they need no compiled extension),
-with fake kernels for torch.compile and an autograd formula. They run the Triton kernels of
-fastformer_kernels.attention: on CUDA natively, on CPU through Triton's interpreter inside
-fastformer.triton_on_cpu(). Other CPU calls run PyTorch's own fused CPU kernel; calls the
-kernels do not support run torch's function and are counted (fastformer.info()).
+torch.library.custom_op, with fake kernels for torch.compile and an autograd formula. On
+CUDA they run the Triton kernels of fastformer_kernels.attention; on CPU the C++ kernels of
+fastformer._C (csrc/attention_cpu.cpp: the same maths, masks, band and dropout draws, in
+float32 or float64), or the Triton kernels through Triton's interpreter inside
+fastformer.triton_on_cpu(). Calls the kernels do not support run torch's function and are
+counted (fastformer.info()).
 
 Both APIs reduce to one banded form: key j is visible to query i iff
     i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
@@ -17,17 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend
+from .. import _extension, backend
 from ..reference import scaled_dot_product_attention as reference_attention
 from . import _checks
-
-T = TypeVar("T")
 
 OP = "scaled_dot_product_attention"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -35,14 +33,23 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 # torch's function, captured before fastformer.patch_sdpa() can replace it.
 torch_sdpa = F.scaled_dot_product_attention
 
+# The C++ CPU kernels compute in float32 or float64; float16 and bfloat16 CPU tensors are
+# computed in float32 and rounded back (see _attend).
+_CPP_DTYPES = (torch.float32, torch.float64)
 backend.register_op(
-    OP,
-    backend.OpSupport(
-        cuda_dtypes=_TRITON_DTYPES,
-        cpu_dtypes=_checks.FLOAT_DTYPES,
-        cpu_implementation=backend.TORCH_CPU_KERNEL,
-    ),
+    OP, backend.OpSupport(cuda_dtypes=_TRITON_DTYPES, cpu_dtypes=_checks.FLOAT_DTYPES)
 )
+
+
+def _runs_cpp(q: Tensor) -> bool:
+    """Whether the C++ CPU kernels take this call (else the Triton kernels: on CUDA, or on
+    CPU through the interpreter)."""
+    return q.device.type == "cpu" and not backend.cpu_runs_triton()
+
+
+def _statistics_dtype(q: Tensor) -> torch.dtype:
+    """lse and stats: float32, float64 for float64 inputs (the C++ kernels only)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,25 +70,25 @@ def attention_fwd(
     window_left: int,
     window_right: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B, Hq, L, Dv), lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32: row max
-    and log2 row sum of the base-2 scores for the backward, see kernels/attention.py) of
-    q (B, Hq, L, D), k (B, Hkv, S, D),
-    v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S) (stride 0 where broadcast)."""
+    """(out (B, Hq, L, Dv), lse (B, Hq, L), stats (B, Hq, L, 2): row max and log2 row sum
+    of the base-2 scores for the backward, see kernels/attention.py) of q (B, Hq, L, D),
+    k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S) (stride 0 where
+    broadcast). lse and stats in _statistics_dtype(q)."""
+    arguments = (q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right)
+    if _runs_cpp(q):
+        return tuple(torch.ops.fastformer.cpu_attention_fwd(*arguments))
     from fastformer_kernels.attention import attention_forward
 
-    return tuple(
-        attention_forward(
-            q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right
-        )
-    )
+    return tuple(attention_forward(*arguments))
 
 
 @attention_fwd.register_fake
 def _(q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right):
     batch, heads, length, _ = q.shape
     out = q.new_empty((batch, heads, length, v.shape[-1]))
-    lse = q.new_empty((batch, heads, length), dtype=torch.float32)
-    return out, lse, q.new_empty((batch, heads, length, 2), dtype=torch.float32)
+    statistics = _statistics_dtype(q)
+    lse = q.new_empty((batch, heads, length), dtype=statistics)
+    return out, lse, q.new_empty((batch, heads, length, 2), dtype=statistics)
 
 
 @torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
@@ -102,26 +109,13 @@ def attention_bwd(
     window_right: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v) of attention_fwd."""
+    arguments = (grad_out, q, k, v, out, stats, grad_lse, mask, seed, scale, dropout_p)
+    band = (diagonal_offset, window_left, window_right)
+    if _runs_cpp(q):
+        return tuple(torch.ops.fastformer.cpu_attention_bwd(*arguments, *band))
     from fastformer_kernels.attention_backward import attention_backward
 
-    return tuple(
-        attention_backward(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            stats,
-            grad_lse,
-            mask,
-            seed,
-            scale,
-            dropout_p,
-            diagonal_offset,
-            window_left,
-            window_right,
-        )
-    )
+    return tuple(attention_backward(*arguments, *band))
 
 
 @attention_bwd.register_fake
@@ -176,106 +170,30 @@ def _unit_last_stride(tensor: Tensor) -> Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _kernel_problem(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> str | None:
-    """Why the Triton kernels cannot take this call: "" when they can, None when this
-    device's own implementation (PyTorch's fused CPU kernel) is meant to run it."""
+def _kernel_problem(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> str:
+    """Why fastformer's kernels (C++ on CPU, Triton on CUDA or in the interpreter) cannot
+    take this call; "" when they can."""
     implementation = backend.implementation(OP, query.device, query.dtype)
-    if implementation == backend.TORCH_CPU_KERNEL:
-        return None
     if implementation == backend.TORCH_FALLBACK:
         return f"no kernel for {query.dtype} on {query.device.type}"
     if not (key.dtype == value.dtype == query.dtype):
         return "query, key and value of different dtypes"
+    if mask is not None and mask.requires_grad:
+        return "a float mask that requires grad"
+    if implementation == backend.CPP:
+        return "" if _extension.available else "the compiled extension fastformer._C is not built"
     for name, dim in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
         if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
             return f"{name} head dim {dim} outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
-    if mask is not None and mask.requires_grad:
-        return "a float mask that requires grad"
     return ""
 
 
-def _runs_torch(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bool:
-    """True when torch's function runs this call (counted and warned when it stands in for
-    a kernel that cannot take it)."""
+def _falls_back(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> bool:
+    """True when torch's function must run this call (counted, and warned about once)."""
     problem = _kernel_problem(query, key, value, mask)
     if problem:
         backend.note_fallback(OP, query.device, query.dtype, reason=problem)
-    return problem is None or bool(problem)
-
-
-# Below this, a float mask value leaves too few bits to a float32 score for torch's CPU
-# backward, which recomputes p = exp(s - lse) from the rounded lse (see _cpu_kernel_or_reference).
-_HUGE_MASK = -1e6
-
-
-def _cpu_kernel_or_reference(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None,
-    run_torch: Callable[[], T],
-    run_reference: Callable[[], T],
-) -> T:
-    """run_torch(), PyTorch's fused CPU kernel, except where it is wrong, where
-    fastformer.reference runs instead (counted in fastformer.info(), warned once):
-    - NaN and Inf: it loses a NaN of a query row with fewer than 16 keys (its row maximum
-      skips NaN, so the row comes out as zeros) and lets a NaN key hidden by a boolean mask
-      reach the rows that cannot see it: calls with a non-finite query, or whose output is
-      not finite, run the reference, which propagates NaN and Inf as documented;
-    - gradients of a query row whose every key is masked by a huge finite value (-1e30,
-      finfo.min): its backward recomputes p = exp(s - lse), and at |s| ~ 1e30 the float32
-      lse rounds away the difference (p = 1 instead of 1 / S). Calls that need gradients
-      and have such a row run the reference.
-    The checks cost a sum over the query and the output and, with gradients, a pass over a
-    float mask's own elements; under torch.compile (where they would break the graph)
-    torch's result stands."""
-    if query.device.type != "cpu" or torch.compiler.is_compiling():
-        return run_torch()
-    reason = None
-    if not _all_finite(query):
-        reason = "NaN or Inf in the inputs"
-    elif _has_row_of_huge_mask_values(attn_mask, query, key, value):
-        reason = "a query row masked entirely by huge finite values, with gradients"
-    else:
-        result = run_torch()
-        out = result[0] if isinstance(result, tuple) else result
-        if _all_finite(out):
-            return result
-        reason = "NaN or Inf in the inputs"
-    backend.note_fallback(
-        OP,
-        query.device,
-        query.dtype,
-        reason=f"{reason}: computed by fastformer.reference, which handles them as documented",
-        stacklevel=4,
-    )
-    return run_reference()
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    """No NaN or Inf in `tensor`, from one reduction (a tenth of isfinite().all()'s time on
-    small tensors): either makes the sum non-finite. A sum of finite values that overflows
-    reads as non-finite too, which only sends the call down the exact, slower path."""
-    accumulate = torch.float32 if tensor.element_size() < 4 else tensor.dtype
-    return math.isfinite(_distinct(tensor).sum(dtype=accumulate).item())
-
-
-def _distinct(tensor: Tensor) -> Tensor:
-    """`tensor` with its broadcast (stride-0) dimensions cut to one: the same values, each
-    read once, so that a check of an expanded tensor costs what its storage holds."""
-    strides = tensor.stride()
-    if 0 not in strides:  # the usual case, without the cost of indexing
-        return tensor
-    return tensor[tuple(slice(0, 1) if s == 0 else slice(None) for s in strides)]
-
-
-def _has_row_of_huge_mask_values(attn_mask: Tensor | None, *inputs: Tensor) -> bool:
-    if attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dim() == 0:
-        return False
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, attn_mask))):
-        return False  # the forward is exact: only the backward needs the reference
-    row_max = _distinct(attn_mask.detach()).amax(dim=-1)
-    return bool(((row_max < _HUGE_MASK) & torch.isfinite(row_max)).any())
+    return bool(problem)
 
 
 def _attend(
@@ -289,11 +207,16 @@ def _attend(
     window_left: int,
     window_right: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv)."""
+    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): out in q's dtype
+    and lse (B, Hq, L) in _statistics_dtype."""
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    return attention_fwd(
+    dtype = q.dtype
+    if _runs_cpp(q) and dtype not in _CPP_DTYPES:
+        # float16/bfloat16 on CPU: computed in float32 (autograd rounds the gradients back).
+        q, k, v = q.float(), k.float(), v.float()
+    out, lse, _stats = attention_fwd(
         _unit_last_stride(q),
         _unit_last_stride(k),
         _unit_last_stride(v),
@@ -305,6 +228,7 @@ def _attend(
         window_left,
         window_right,
     )
+    return out.to(dtype), lse
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,15 +330,8 @@ def scaled_dot_product_attention(
         # Nothing to attend (no rows, no keys, no heads): zeros or an empty result, which
         # the reference gives without a kernel launch.
         return reference_attention(query, key, value, **arguments)
-    if _runs_torch(query, key, value, attn_mask):
-        return _cpu_kernel_or_reference(
-            query,
-            key,
-            value,
-            attn_mask,
-            lambda: torch_sdpa(query, key, value, **arguments),
-            lambda: reference_attention(query, key, value, **arguments),
-        )
+    if _falls_back(query, key, value, attn_mask):
+        return torch_sdpa(query, key, value, **arguments)
 
     source = key.shape[-2]
     # Flatten the leading dimensions to (B, H): views for the usual 3-D and 4-D inputs.
@@ -425,7 +342,7 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         # Broadcast by strides (0 where broadcast): a view, not a copy.
         mask = attn_mask.expand(*query.shape[:-1], source).reshape(*q.shape[:-1], source)
-    out, _lse, _stats = _attend(
+    out, _lse = _attend(
         q,
         k,
         v,
@@ -502,17 +419,10 @@ def flash_attn_func(
         v.numel(),
     ):  # nothing to attend: see scaled_dot_product_attention
         out, lse = _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention)
-    elif _runs_torch(q, k, v, None):
-        out, lse = _cpu_kernel_or_reference(
-            qt,
-            kt,
-            vt,
-            None,
-            lambda: _banded_attention_torch(qt, kt, vt, *band),
-            lambda: _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention),
-        )
+    elif _falls_back(q, k, v, None):
+        out, lse = _banded_attention_torch(qt, kt, vt, *band)
     else:
-        out, lse, _stats = _attend(
+        out, lse = _attend(
             qt, kt, vt, None, scale, dropout_p, diagonal_offset, window_left, window_right
         )
     out = out.transpose(1, 2)

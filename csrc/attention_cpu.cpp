@@ -1,0 +1,581 @@
+// Flash attention on CPU: the kernels of fastformer::cpu_attention_fwd / _bwd, which run the
+// attention ops (fastformer/ops/attention.py) on float32 and float64 CPU tensors.
+//
+// The maths, masks, band, dropout draws and saved statistics are those of the Triton kernels
+// (kernels/attention.py states them), so both backends give the same results, dropout
+// masks included. For query i of head h and key j, in base 2:
+//   s_ij = log2(e) * (scale * q_i . k_j + mask_ij), -inf where hidden (bool mask, band)
+//   m_i = max_j s_ij,  l_i = sum_j exp2(s_ij - m_i),  out_i = sum_j exp2(s_ij - m_i) z_ij v_j / l_i
+// with z_ij the dropout multiplier (keep / (1 - p)), drawn from Philox at offset
+// ((b * Hq + h) * L + i) * S + j (philox.h). stats keeps (m_i, log2 l_i) per row.
+//
+// Tiles: the forward takes kBlockM query rows of one head at a time, against the keys that
+// one of them can see in chunks of kBlockNFwd, with online softmax; the backward takes a
+// block of kBlockNBwd keys of one kv head, accumulating its dK and dV over the query blocks
+// (of every query head of its group) that see it, and dQ in place. Scores and probabilities
+// live in per-thread tiles, never in an (L, S) matrix; tile products go through BLAS
+// (cpu_blas.h). The band (causal, sliding windows) limits the keys of each query block and
+// the queries of each key block, so causal attention does about half the work.
+//
+// Work split: the forward over (batch, head, query block); the backward over (batch, kv
+// head), each task owning its rows of dK, dV and dQ (no atomics, deterministic). When there
+// are fewer (batch, kv head) pairs than threads, each pair's keys are split into parts whose
+// dQ go to separate buffers, summed at the end.
+#include "cpu_allocation.h"
+#include "cpu_blas.h"
+#include "cpu_vec.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastformer {
+namespace {
+
+constexpr const char* kFwd = "cpu_attention_fwd";
+constexpr const char* kBwd = "cpu_attention_bwd";
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// Keys visible to query i: [lo(i), hi(i)), from the band
+//   i + offset - left <= j <= i + offset + right   (a side < 0 is open), and 0 <= j < S.
+// lo and hi never decrease with i, so a block of rows sees [lo(first), hi(last)).
+struct Band {
+  int64_t offset, left, right, L, S;
+
+  int64_t lo(int64_t i) const {
+    return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, S);
+  }
+  int64_t hi(int64_t i) const {
+    return right < 0 ? S : std::clamp<int64_t>(i + offset + right + 1, 0, S);
+  }
+  // Queries that see some key of [j0, j1): [first_row(j0), end_row(j1)).
+  int64_t first_row(int64_t j0) const {
+    return right < 0 ? 0 : std::clamp<int64_t>(j0 - offset - right, 0, L);
+  }
+  int64_t end_row(int64_t j1) const {
+    return left < 0 ? L : std::clamp<int64_t>(j1 - 1 - offset + left + 1, 0, L);
+  }
+};
+
+// The mask of one call, broadcast to (B, Hq, L, S) by its strides (0 where broadcast).
+struct Mask {
+  enum Kind { kNone, kBool, kFloat, kDouble, kHalf, kBFloat16 } kind = kNone;
+  const char* data = nullptr;  // byte address of element (0, 0, 0, 0)
+  int64_t item = 0;            // bytes per element
+  int64_t sb = 0, sh = 0, sm = 0, sn = 0;
+
+  static Mask of(const std::optional<Tensor>& mask) {
+    Mask m;
+    if (!mask.has_value() || !mask->defined()) {
+      return m;
+    }
+    switch (mask->scalar_type()) {
+      case at::kBool: m.kind = kBool; break;
+      case at::kFloat: m.kind = kFloat; break;
+      case at::kDouble: m.kind = kDouble; break;
+      case at::kHalf: m.kind = kHalf; break;
+      case at::kBFloat16: m.kind = kBFloat16; break;
+      default: TORCH_CHECK(false, kFwd, ": mask must be bool or floating point, got ",
+                           mask->scalar_type());
+    }
+    m.data = static_cast<const char*>(mask->data_ptr());
+    m.item = mask->element_size();
+    m.sb = mask->stride(0);
+    m.sh = mask->stride(1);
+    m.sm = mask->stride(2);
+    m.sn = mask->stride(3);
+    return m;
+  }
+
+  const char* row(int64_t b, int64_t h, int64_t i) const {
+    return data + (b * sb + h * sh + i * sm) * item;
+  }
+};
+
+// A float mask value in base-2 score units, as the Triton kernels scale it: -inf stays -inf,
+// finite values stay finite (finfo.min * log2(e) would overflow to -inf).
+template <typename T, typename M>
+inline T mask_bias(M value) {
+  const T bias = static_cast<T>(value);
+  if (bias == -std::numeric_limits<T>::infinity()) {
+    return bias;
+  }
+  return std::max(bias * static_cast<T>(kLog2e), std::numeric_limits<T>::lowest());
+}
+
+template <typename T, typename M>
+inline void add_mask(T* s, int64_t n, const char* row, int64_t sn) {
+  const M* m = reinterpret_cast<const M*>(row);
+  if (sn == 1) {
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] += mask_bias<T>(m[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] += mask_bias<T>(m[j * sn]);
+    }
+  }
+}
+
+// Whether key j0 + j is hidden from the row by a bool mask (nonzero keeps it).
+inline bool bool_hidden(const char* row, int64_t sn, int64_t j) {
+  return row[j * sn] == 0;
+}
+
+// One row of a score tile: raw dot products s[0, n) of query i with keys j0 + [0, n) become
+// masked base-2 scores. Returns the row's visible range within the tile, [vis_lo, vis_hi).
+template <typename T>
+std::pair<int64_t, int64_t> score_row(T* s, int64_t n, T qk_scale, const Mask& mask,
+                                      const char* mask_row, const Band& band, int64_t i,
+                                      int64_t j0) {
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= qk_scale;
+  }
+  const char* m = mask_row == nullptr ? nullptr : mask_row + j0 * mask.sn * mask.item;
+  switch (mask.kind) {
+    case Mask::kNone: break;
+    case Mask::kBool:
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = bool_hidden(m, mask.sn, j) ? -std::numeric_limits<T>::infinity() : s[j];
+      }
+      break;
+    case Mask::kFloat: add_mask<T, float>(s, n, m, mask.sn); break;
+    case Mask::kDouble: add_mask<T, double>(s, n, m, mask.sn); break;
+    case Mask::kHalf: add_mask<T, at::Half>(s, n, m, mask.sn); break;
+    case Mask::kBFloat16: add_mask<T, at::BFloat16>(s, n, m, mask.sn); break;
+  }
+  const int64_t vis_lo = std::clamp<int64_t>(band.lo(i) - j0, 0, n);
+  const int64_t vis_hi = std::clamp<int64_t>(band.hi(i) - j0, vis_lo, n);
+  std::fill(s, s + vis_lo, -std::numeric_limits<T>::infinity());
+  std::fill(s + vis_hi, s + n, -std::numeric_limits<T>::infinity());
+  return {vis_lo, vis_hi};
+}
+
+// s[j] = exp2(s[j] - shift) for j in [0, n); returns their sum.
+template <typename T>
+T exp2_shifted(T* s, int64_t n, T shift) {
+  using V = Vectorized<T>;
+  const V vshift(shift);
+  V vsum(T(0));
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V p = (V::loadu(s + j) - vshift).exp2();
+    p.store(s + j);
+    vsum = vsum + p;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp2(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// max_j s[j], NaN if any s[j] is NaN (at::vec::maximum propagates NaN): a NaN score makes
+// the whole row NaN, as at the reference.
+template <typename T>
+T row_max(const T* s, int64_t n) {
+  using V = Vectorized<T>;
+  V vmax(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    vmax = at::vec::maximum(vmax, V::loadu(s + j));
+  }
+  T m = at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return at::vec::maximum(a, b); },
+                                   vmax);
+  for (; j < n; ++j) {
+    m = (s[j] > m || std::isnan(s[j])) ? s[j] : m;
+  }
+  return m;
+}
+
+// Strided (B, H, rows, cols) tensor with unit column stride, by (batch, head) matrices.
+template <typename T>
+struct Heads {
+  T* data;
+  int64_t sb, sh, sm;
+
+  static Heads of(const Tensor& t) {
+    return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1),
+            t.size(2) > 1 ? t.stride(2) : t.size(3)};
+  }
+  T* at(int64_t b, int64_t h, int64_t row = 0) const {
+    return data + b * sb + h * sh + row * sm;
+  }
+};
+
+// Tile shapes: query rows and keys of a forward tile, of a backward tile.
+struct TileShape {
+  int64_t m_fwd, n_fwd, m_bwd, n_bwd;
+};
+
+// Measured on 2 AMD EPYC cores (fp32, head dim 64, L = S from 128 to 2048): 64 x 512 forward
+// tiles up to L = 1024 (finer query blocks skip more of a causal band), 128 x 512 beyond
+// (fewer passes over the keys); 64 x 128 backward tiles (a causal band skips more, and the
+// tiles stay in L2 across the five products).
+TileShape tile_shape(int64_t L) {
+  return {L <= 1024 ? 64 : 128, 512, 64, 128};
+}
+
+struct Problem {
+  int64_t B, Hq, Hkv, group, L, S, D, DV;
+  TileShape tiles;
+  double scale;
+  Band band;
+  Mask mask;
+  Dropout dropout;
+};
+
+Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const std::optional<Tensor>& mask, const std::optional<Tensor>& seed,
+                   double scale, double dropout_p, int64_t diagonal_offset, int64_t window_left,
+                   int64_t window_right) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k and v must be 4-D (B, H, L, E), got ", q.sizes(), ", ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
+              ": q, k and v must be CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
+              op, ": q, k and v must all be float32 or all float64, got ", q.scalar_type(), ", ",
+              k.scalar_type(), " and ", v.scalar_type());
+  for (const Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op,
+                ": q, k and v need a unit last stride, got strides ", t->strides());
+  }
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
+              op, ": k and v must be (B, Hkv, S, *) with Hkv dividing q's heads, got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(2) == v.size(2) && k.size(3) == q.size(3), op,
+              ": k must have q's head dim and v k's length, got q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  const int64_t L = q.size(2), S = k.size(2);
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == B && mask->size(1) == Hq &&
+                    mask->size(2) == L && mask->size(3) == S,
+                op, ": mask must be broadcast to (B, Hq, L, S) = (", B, ", ", Hq, ", ", L, ", ",
+                S, "), got ", mask->sizes());
+  }
+  Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tile_shape(L), scale,
+            Band{diagonal_offset, window_left, window_right, L, S}, Mask::of(mask),
+            make_dropout(op, seed, dropout_p)};
+  return p;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const T>& k,
+                   const Heads<const T>& v, T* out, T* lse, T* stats, int64_t b, int64_t h,
+                   int64_t i0, std::vector<T>& tile, std::vector<T>& acc,
+                   std::vector<T>& dropout_row, std::vector<T>& row_stats) {
+  const int64_t block_m = p.tiles.m_fwd, block_n = p.tiles.n_fwd;
+  const int64_t rows = std::min(block_m, p.L - i0);
+  const int64_t kv_h = h / p.group;
+  const T qk_scale = static_cast<T>(p.scale * kLog2e);
+  const int64_t key_lo = p.band.lo(i0);
+  const int64_t key_hi = std::max(key_lo, p.band.hi(i0 + rows - 1));
+  const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of out, lse, stats
+  T* m_i = row_stats.data();
+  T* l_i = row_stats.data() + block_m;
+  std::fill(m_i, m_i + rows, -std::numeric_limits<T>::infinity());
+  std::fill(l_i, l_i + rows, T(0));
+  std::fill(acc.begin(), acc.begin() + rows * p.DV, T(0));
+
+  for (int64_t j0 = key_lo; j0 < key_hi; j0 += block_n) {
+    const int64_t n = std::min(block_n, key_hi - j0);
+    gemm<T>(false, true, rows, n, p.D, T(1), q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm, T(0),
+            tile.data(), block_n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      T* s = tile.data() + r * block_n;
+      const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i);
+      score_row<T>(s, n, qk_scale, p.mask, mask_row, p.band, i, j0);
+      const T chunk_max = row_max(s, n);
+      // NaN wins (std::max would drop it): the row's statistics must say NaN, not -inf.
+      const T m_new = std::isnan(chunk_max) ? chunk_max : std::max(m_i[r], chunk_max);
+      const T m_safe = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;  // no -inf - -inf
+      const T alpha = std::exp2(m_i[r] - m_safe);
+      // A NaN score makes p, and so l and the whole output row, NaN (as at the reference).
+      l_i[r] = l_i[r] * alpha + exp2_shifted(s, n, m_safe);
+      if (alpha != T(1)) {
+        T* a = acc.data() + r * p.DV;
+        for (int64_t d = 0; d < p.DV; ++d) {
+          a[d] *= alpha;
+        }
+      }
+      if (p.dropout.enabled) {
+        dropout_row_scale<T>(dropout_row.data(), n, p.dropout.seed, (row0 + r) * p.S + j0,
+                             p.dropout.p, T(1));
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] *= dropout_row[j];
+        }
+      }
+      m_i[r] = m_new;
+    }
+    gemm<T>(false, false, rows, p.DV, n, T(1), tile.data(), block_n, v.at(b, kv_h, j0), v.sm,
+            T(1), acc.data(), p.DV);
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool empty = l_i[r] == T(0);  // every key masked: zeros, lse -inf
+    const T inv = empty ? T(0) : static_cast<T>(p.dropout.scale) / l_i[r];
+    const T* a = acc.data() + r * p.DV;
+    T* o = out + (row0 + r) * p.DV;
+    for (int64_t d = 0; d < p.DV; ++d) {
+      o[d] = a[d] * inv;
+    }
+    const T row_max_value = empty ? -std::numeric_limits<T>::infinity() : m_i[r];
+    const T log2_sum = empty ? -std::numeric_limits<T>::infinity() : std::log2(l_i[r]);
+    lse[row0 + r] = (row_max_value + log2_sum) * static_cast<T>(kLn2);
+    stats[(row0 + r) * 2] = row_max_value;
+    stats[(row0 + r) * 2 + 1] = log2_sum;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& seed, double scale, double dropout_p, int64_t diagonal_offset,
+    int64_t window_left, int64_t window_right) {
+  const Problem p = problem_of(kFwd, q, k, v, mask, seed, scale, dropout_p, diagonal_offset,
+                               window_left, window_right);
+  const auto dtype = q.scalar_type();
+  Tensor out = empty_cpu_huge_pages({p.B, p.Hq, p.L, p.DV}, dtype);
+  Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options());
+  Tensor stats = at::empty({p.B, p.Hq, p.L, 2}, q.options());
+  const int64_t block_m = p.tiles.m_fwd;
+  const int64_t blocks = (p.L + block_m - 1) / block_m;
+  AT_DISPATCH_FLOATING_TYPES(dtype, kFwd, [&] {
+    using T = scalar_t;
+    const auto qh = Heads<const T>::of(q);
+    const auto kh = Heads<const T>::of(k);
+    const auto vh = Heads<const T>::of(v);
+    T* out_data = out.data_ptr<T>();
+    T* lse_data = lse.data_ptr<T>();
+    T* stats_data = stats.data_ptr<T>();
+    at::parallel_for(0, p.B * p.Hq * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tile(block_m * p.tiles.n_fwd), acc(block_m * p.DV),
+          dropout_row(p.tiles.n_fwd), row_stats(2 * block_m);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / blocks;
+        forward_block<T>(p, qh, kh, vh, out_data, lse_data, stats_data, bh / p.Hq, bh % p.Hq,
+                         (task % blocks) * block_m, tile, acc, dropout_row, row_stats);
+      }
+    });
+  });
+  return {out, lse, stats};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+// Per-thread tiles of the backward: probabilities, their dropped copy, and dP / dS.
+template <typename T>
+struct BackwardTiles {
+  std::vector<T> p, p_dropped, ds, dropout_row;
+  std::vector<int64_t> vis_lo, vis_hi;
+  explicit BackwardTiles(const TileShape& s)
+      : p(s.m_bwd * s.n_bwd), p_dropped(s.m_bwd * s.n_bwd), ds(s.m_bwd * s.n_bwd),
+        dropout_row(s.m_bwd * s.n_bwd), vis_lo(s.m_bwd), vis_hi(s.m_bwd) {}
+};
+
+// dK, dV of keys [j0, j0 + n) of kv head kv_h, and their share of dQ, from query block
+// [i0, i0 + rows) of query head h; delta holds delta_i of those rows.
+template <typename T>
+void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const T>& k,
+                   const Heads<const T>& v, const Heads<const T>& grad_out, const T* stats,
+                   const T* delta, T* grad_q, T* grad_k, T* grad_v, int64_t b, int64_t h,
+                   int64_t i0, int64_t rows, int64_t j0, int64_t n, BackwardTiles<T>& t) {
+  const int64_t ld = p.tiles.n_bwd;
+  const int64_t kv_h = h / p.group;
+  const T qk_scale = static_cast<T>(p.scale * kLog2e);
+  const T scale = static_cast<T>(p.scale);
+  const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of stats, grad_q
+  const T* dout = grad_out.at(b, h, i0);
+  gemm<T>(false, true, rows, n, p.D, T(1), q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm, T(0),
+          t.p.data(), ld);
+  int64_t* vis_lo = t.vis_lo.data();
+  int64_t* vis_hi = t.vis_hi.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* s = t.p.data() + r * ld;
+    const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i0 + r);
+    std::tie(vis_lo[r], vis_hi[r]) = score_row<T>(s, n, qk_scale, p.mask, mask_row, p.band,
+                                                  i0 + r, j0);
+    T row_max_value = stats[(row0 + r) * 2];
+    T log2_sum = stats[(row0 + r) * 2 + 1];
+    if (row_max_value == -std::numeric_limits<T>::infinity()) {  // fully masked: p = 0
+      row_max_value = std::numeric_limits<T>::infinity();
+      log2_sum = T(0);
+    }
+    // exp2((s - max) - log2_sum): the max first, so huge scores keep their precision.
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] -= row_max_value;
+    }
+    exp2_shifted(s, n, log2_sum);
+    if (p.dropout.enabled) {
+      T* z = t.dropout_row.data() + r * ld;
+      dropout_row_scale<T>(z, n, p.dropout.seed, (row0 + r) * p.S + j0, p.dropout.p,
+                           static_cast<T>(p.dropout.scale));
+      T* pd = t.p_dropped.data() + r * ld;
+      for (int64_t j = 0; j < n; ++j) {
+        pd[j] = s[j] * z[j];
+      }
+    }
+  }
+  const T* p_for_v = p.dropout.enabled ? t.p_dropped.data() : t.p.data();
+  // dV_j += sum_i z_ij p_ij dO_i
+  gemm<T>(true, false, n, p.DV, rows, T(1), p_for_v, ld, dout, grad_out.sm, T(1),
+          grad_v + j0 * p.DV, p.DV);
+  // dP_ij = dO_i . v_j
+  gemm<T>(false, true, rows, n, p.DV, T(1), dout, grad_out.sm, v.at(b, kv_h, j0), v.sm, T(0),
+          t.ds.data(), ld);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* pr = t.p.data() + r * ld;
+    T* ds = t.ds.data() + r * ld;
+    const T delta_i = delta[r];
+    if (p.dropout.enabled) {
+      const T* z = t.dropout_row.data() + r * ld;
+      for (int64_t j = 0; j < n; ++j) {
+        ds[j] = pr[j] * (ds[j] * z[j] - delta_i);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        ds[j] = pr[j] * (ds[j] - delta_i);
+      }
+    }
+    // Hidden scores get no gradient, even where dP is NaN (a NaN value the row cannot see).
+    std::fill(ds, ds + vis_lo[r], T(0));
+    std::fill(ds + vis_hi[r], ds + n, T(0));
+    if (p.mask.kind == Mask::kBool) {
+      const char* m = p.mask.row(b, h, i0 + r) + j0 * p.mask.sn * p.mask.item;
+      for (int64_t j = 0; j < n; ++j) {
+        ds[j] = bool_hidden(m, p.mask.sn, j) ? T(0) : ds[j];
+      }
+    }
+  }
+  // dQ_i += scale * sum_j dS_ij k_j,  dK_j += scale * sum_i dS_ij q_i
+  gemm<T>(false, false, rows, p.D, n, scale, t.ds.data(), ld, k.at(b, kv_h, j0), k.sm, T(1),
+          grad_q + row0 * p.D, p.D);
+  gemm<T>(true, false, n, p.D, rows, scale, t.ds.data(), ld, q.at(b, h, i0), q.sm, T(1),
+          grad_k + j0 * p.D, p.D);
+}
+
+// delta_i = dO_i . out_i - dlse_i for every row i of head h, the dot product in double (it
+// cancels in dS_ij = p_ij (dP_ij - delta_i), so it needs more than the inputs' precision).
+template <typename T>
+void rows_delta(const Heads<const T>& grad_out, const Heads<const T>& out, const T* grad_lse,
+                const Problem& p, int64_t b, int64_t h, T* delta) {
+  for (int64_t i = 0; i < p.L; ++i) {
+    const T* d_o = grad_out.at(b, h, i);
+    const T* o = out.at(b, h, i);
+    double dot = 0.0;
+    for (int64_t d = 0; d < p.DV; ++d) {
+      dot += static_cast<double>(d_o[d]) * static_cast<double>(o[d]);
+    }
+    delta[i] = static_cast<T>(dot) - (grad_lse == nullptr ? T(0) : grad_lse[(b * p.Hq + h) * p.L + i]);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& stats, const std::optional<Tensor>& grad_lse, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& seed, double scale, double dropout_p, int64_t diagonal_offset,
+    int64_t window_left, int64_t window_right) {
+  const Problem p = problem_of(kBwd, q, k, v, mask, seed, scale, dropout_p, diagonal_offset,
+                               window_left, window_right);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, p.DV}),
+              kBwd, ": grad_out and out must be (B, Hq, L, Dv) = (", p.B, ", ", p.Hq, ", ", p.L,
+              ", ", p.DV, "), got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == dtype && out.scalar_type() == dtype &&
+                  stats.scalar_type() == dtype,
+              kBwd, ": grad_out, out and stats must have q's dtype ", dtype);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, 2}), kBwd,
+              ": stats must be (B, Hq, L, 2), got ", stats.sizes());
+  const Tensor stats_c = stats.contiguous();
+  const auto unit_last = [](const Tensor& t) {
+    return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous();
+  };
+  const Tensor grad_out_u = unit_last(grad_out);
+  const Tensor out_u = unit_last(out);
+  // The lse's gradient enters every p_ij of its row through delta (see rows_delta).
+  const bool has_grad_lse = grad_lse.has_value() && grad_lse->defined();
+  TORCH_CHECK(!has_grad_lse || grad_lse->sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), kBwd,
+              ": grad_lse must be (B, Hq, L), got ", grad_lse->sizes());
+  const Tensor grad_lse_c = has_grad_lse ? grad_lse->to(dtype).contiguous() : Tensor();
+  Tensor grad_q = empty_cpu_huge_pages({p.B, p.Hq, p.L, p.D}, dtype).zero_();
+  Tensor grad_k = empty_cpu_huge_pages({p.B, p.Hkv, p.S, p.D}, dtype).zero_();
+  Tensor grad_v = empty_cpu_huge_pages({p.B, p.Hkv, p.S, p.DV}, dtype).zero_();
+
+  // Tasks: (batch, kv head, part of its key blocks). Parts > 1 only when there are fewer
+  // (batch, kv head) pairs than threads; part > 0 writes dQ into its own buffer.
+  const int64_t block_m = p.tiles.m_bwd, block_n = p.tiles.n_bwd;
+  const int64_t key_blocks = (p.S + block_n - 1) / block_n;
+  const int64_t pairs = p.B * p.Hkv;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts =
+      std::max<int64_t>(1, std::min(key_blocks, pairs >= threads ? 1 : (threads + pairs - 1) / pairs));
+  Tensor grad_q_parts = parts > 1 ? at::zeros({parts - 1, p.B, p.Hq, p.L, p.D}, q.options())
+                                  : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(dtype, kBwd, [&] {
+    using T = scalar_t;
+    const auto qh = Heads<const T>::of(q);
+    const auto kh = Heads<const T>::of(k);
+    const auto vh = Heads<const T>::of(v);
+    const auto doh = Heads<const T>::of(grad_out_u);
+    const auto outh = Heads<const T>::of(out_u);
+    const T* stats_data = stats_c.data_ptr<T>();
+    const T* grad_lse_data = has_grad_lse ? grad_lse_c.data_ptr<T>() : nullptr;
+    at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
+      BackwardTiles<T> tiles(p.tiles);
+      std::vector<T> delta(p.group * p.L);  // delta of the group's query heads
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t pair = task / parts, part = task % parts;
+        const int64_t b = pair / p.Hkv, kv_h = pair % p.Hkv;
+        for (int64_t g = 0; g < p.group; ++g) {
+          const int64_t h = kv_h * p.group + g;
+          rows_delta<T>(doh, outh, grad_lse_data, p, b, h, delta.data() + g * p.L);
+        }
+        T* dq = part == 0 ? grad_q.data_ptr<T>()
+                          : grad_q_parts.data_ptr<T>() + (part - 1) * grad_q.numel();
+        T* dk = grad_k.data_ptr<T>() + pair * p.S * p.D;
+        T* dv = grad_v.data_ptr<T>() + pair * p.S * p.DV;
+        const int64_t first_block = part * key_blocks / parts;
+        const int64_t end_block = (part + 1) * key_blocks / parts;
+        for (int64_t kb = first_block; kb < end_block; ++kb) {
+          const int64_t j0 = kb * block_n, n = std::min(block_n, p.S - j0);
+          const int64_t row_begin = p.band.first_row(j0), row_end = p.band.end_row(j0 + n);
+          for (int64_t h = kv_h * p.group; h < (kv_h + 1) * p.group; ++h) {
+            for (int64_t i0 = row_begin; i0 < row_end; i0 += block_m) {
+              const T* delta_rows = delta.data() + (h - kv_h * p.group) * p.L + i0;
+              backward_tile<T>(p, qh, kh, vh, doh, stats_data, delta_rows, dq, dk, dv, b, h, i0,
+                               std::min(block_m, row_end - i0), j0, n, tiles);
+            }
+          }
+        }
+      }
+    });
+  });
+  if (parts > 1) {
+    grad_q.add_(grad_q_parts.sum(0));
+  }
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastformer, CPU, m) {
+  m.impl(kFwd, &cpu_attention_fwd);
+  m.impl(kBwd, &cpu_attention_bwd);
+}
+
+}  // namespace fastformer
