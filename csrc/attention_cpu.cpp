@@ -127,15 +127,12 @@ inline bool bool_hidden(const char* row, int64_t sn, int64_t j) {
   return row[j * sn] == 0;
 }
 
-// One row of a score tile: raw dot products s[0, n) of query i with keys j0 + [0, n) become
-// masked base-2 scores. Returns the row's visible range within the tile, [vis_lo, vis_hi).
+// One row of a score tile: scaled dot products s[0, n) (log2(e) * scale * q_i . k_j, the
+// tile product's alpha) of query i with keys j0 + [0, n) become masked base-2 scores.
+// Returns the row's visible range within the tile, [vis_lo, vis_hi).
 template <typename T>
-std::pair<int64_t, int64_t> score_row(T* s, int64_t n, T qk_scale, const Mask& mask,
-                                      const char* mask_row, const Band& band, int64_t i,
-                                      int64_t j0) {
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] *= qk_scale;
-  }
+std::pair<int64_t, int64_t> score_row(T* s, int64_t n, const Mask& mask, const char* mask_row,
+                                      const Band& band, int64_t i, int64_t j0) {
   const char* m = mask_row == nullptr ? nullptr : mask_row + j0 * mask.sn * mask.item;
   switch (mask.kind) {
     case Mask::kNone: break;
@@ -156,21 +153,22 @@ std::pair<int64_t, int64_t> score_row(T* s, int64_t n, T qk_scale, const Mask& m
   return {vis_lo, vis_hi};
 }
 
-// s[j] = exp2(s[j] - shift) for j in [0, n); returns their sum.
+// s[j] = exp2((s[j] - shift) - shift2) for j in [0, n); returns their sum. Two shifts, in
+// this order, so that a huge row max leaves the small second shift its precision.
 template <typename T>
-T exp2_shifted(T* s, int64_t n, T shift) {
+T exp2_shifted(T* s, int64_t n, T shift, T shift2 = T(0)) {
   using V = Vectorized<T>;
-  const V vshift(shift);
+  const V vshift(shift), vshift2(shift2);
   V vsum(T(0));
   int64_t j = 0;
   for (; j + V::size() <= n; j += V::size()) {
-    const V p = (V::loadu(s + j) - vshift).exp2();
+    const V p = ((V::loadu(s + j) - vshift) - vshift2).exp2();
     p.store(s + j);
     vsum = vsum + p;
   }
   T sum = at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return a + b; }, vsum);
   for (; j < n; ++j) {
-    s[j] = std::exp2(s[j] - shift);
+    s[j] = std::exp2((s[j] - shift) - shift2);
     sum += s[j];
   }
   return sum;
@@ -214,12 +212,14 @@ struct TileShape {
   int64_t m_fwd, n_fwd, m_bwd, n_bwd;
 };
 
-// Measured on 2 AMD EPYC cores (fp32, head dim 64, L = S from 128 to 2048): 64 x 512 forward
-// tiles up to L = 1024 (finer query blocks skip more of a causal band), 128 x 512 beyond
-// (fewer passes over the keys); 64 x 128 backward tiles (a causal band skips more, and the
-// tiles stay in L2 across the five products).
+// Swept on 2 Intel Xeon (Sapphire Rapids) cores, fp32, head dims 64 and 128, L = S from 128
+// to 2048, causal and not (an earlier sweep on AMD EPYC cores agreed within a few percent):
+// 128 x 512 forward tiles (each query block repacks its keys for the BLAS product, so more
+// rows amortize that), 64 x 512 for short sequences (finer blocks skip more of a causal
+// band); 256 x 128 backward tiles (fewer, larger products; the four tiles of a thread,
+// 512 KiB, stay in L2 across the five products of a tile).
 TileShape tile_shape(int64_t L) {
-  return {L <= 1024 ? 64 : 128, 512, 64, 128};
+  return {L <= 256 ? 64 : 128, 512, 256, 128};
 }
 
 struct Problem {
@@ -292,13 +292,13 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
 
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += block_n) {
     const int64_t n = std::min(block_n, key_hi - j0);
-    gemm<T>(false, true, rows, n, p.D, T(1), q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm, T(0),
-            tile.data(), block_n);
+    gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
+            T(0), tile.data(), block_n);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       T* s = tile.data() + r * block_n;
       const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i);
-      score_row<T>(s, n, qk_scale, p.mask, mask_row, p.band, i, j0);
+      score_row<T>(s, n, p.mask, mask_row, p.band, i, j0);
       const T chunk_max = row_max(s, n);
       // NaN wins (std::max would drop it): the row's statistics must say NaN, not -inf.
       const T m_new = std::isnan(chunk_max) ? chunk_max : std::max(m_i[r], chunk_max);
@@ -401,15 +401,14 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
   const T scale = static_cast<T>(p.scale);
   const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of stats, grad_q
   const T* dout = grad_out.at(b, h, i0);
-  gemm<T>(false, true, rows, n, p.D, T(1), q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm, T(0),
-          t.p.data(), ld);
+  gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
+          T(0), t.p.data(), ld);
   int64_t* vis_lo = t.vis_lo.data();
   int64_t* vis_hi = t.vis_hi.data();
   for (int64_t r = 0; r < rows; ++r) {
     T* s = t.p.data() + r * ld;
     const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i0 + r);
-    std::tie(vis_lo[r], vis_hi[r]) = score_row<T>(s, n, qk_scale, p.mask, mask_row, p.band,
-                                                  i0 + r, j0);
+    std::tie(vis_lo[r], vis_hi[r]) = score_row<T>(s, n, p.mask, mask_row, p.band, i0 + r, j0);
     T row_max_value = stats[(row0 + r) * 2];
     T log2_sum = stats[(row0 + r) * 2 + 1];
     if (row_max_value == -std::numeric_limits<T>::infinity()) {  // fully masked: p = 0
@@ -417,10 +416,7 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
       log2_sum = T(0);
     }
     // exp2((s - max) - log2_sum): the max first, so huge scores keep their precision.
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] -= row_max_value;
-    }
-    exp2_shifted(s, n, log2_sum);
+    exp2_shifted(s, n, row_max_value, log2_sum);
     if (p.dropout.enabled) {
       T* z = t.dropout_row.data() + r * ld;
       dropout_row_scale<T>(z, n, p.dropout.seed, (row0 + r) * p.S + j0, p.dropout.p,

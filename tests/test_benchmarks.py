@@ -283,7 +283,7 @@ def test_pytest_benchmark_records_groups_and_throughput(tmp_path):
         "--bench-ops",
         "attention",
         "-k",
-        "4x2x128x64/fwd/ and (fastformer or eager)",
+        "4x4x256x64/fwd/ and (fastformer or eager)",
         "--benchmark-max-time=0.02",
         "--benchmark-min-rounds=3",
         f"--benchmark-json={out}",
@@ -292,11 +292,11 @@ def test_pytest_benchmark_records_groups_and_throughput(tmp_path):
     benchmarks = json.loads(out.read_text())["benchmarks"]
     assert {b["extra_info"]["provider"] for b in benchmarks} == {"fastformer", "eager"}
     for b in benchmarks:
-        assert b["group"] == "attention 4x2x128x64 fwd float32"
+        assert b["group"] == "attention 4x4x256x64 fwd float32"
         assert b["stats"]["rounds"] >= 3
         assert b["extra_info"]["unit"] == "TFLOP/s"
         # throughput = the case's FLOPs over pytest-benchmark's median
-        flops = 4 * 4 * 2 * 128 * 128 * 64
+        flops = 4 * 4 * 4 * 256 * 256 * 64
         expected = flops / b["stats"]["median"] / 1e12
         assert b["extra_info"]["throughput"] == pytest.approx(expected, rel=1e-6)
 
