@@ -174,20 +174,28 @@ T exp2_shifted(T* s, int64_t n, T shift, T shift2 = T(0)) {
   return sum;
 }
 
-// max_j s[j], NaN if any s[j] is NaN (at::vec::maximum propagates NaN): a NaN score makes
-// the whole row NaN, as at the reference.
+// max_j s[j] over the non-NaN scores (-inf if none), with four independent maxima in flight.
+// NaN-blind on purpose: a NaN score still makes its p, the row's sum and so its output NaN,
+// and forward_block then marks the row's max NaN as well (see there).
 template <typename T>
 T row_max(const T* s, int64_t n) {
   using V = Vectorized<T>;
-  V vmax(-std::numeric_limits<T>::infinity());
+  constexpr int64_t kStep = 4 * V::size();
+  const auto vmax = [](const V& a, const V& b) { return at::vec::clamp_min(a, b); };
+  V m0(-std::numeric_limits<T>::infinity()), m1 = m0, m2 = m0, m3 = m0;
   int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    vmax = at::vec::maximum(vmax, V::loadu(s + j));
+  for (; j + kStep <= n; j += kStep) {
+    m0 = vmax(V::loadu(s + j), m0);
+    m1 = vmax(V::loadu(s + j + V::size()), m1);
+    m2 = vmax(V::loadu(s + j + 2 * V::size()), m2);
+    m3 = vmax(V::loadu(s + j + 3 * V::size()), m3);
   }
-  T m = at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return at::vec::maximum(a, b); },
-                                   vmax);
+  for (; j + V::size() <= n; j += V::size()) {
+    m0 = vmax(V::loadu(s + j), m0);
+  }
+  T m = at::vec::vec_reduce_all<T>(vmax, vmax(vmax(m0, m1), vmax(m2, m3)));
   for (; j < n; ++j) {
-    m = (s[j] > m || std::isnan(s[j])) ? s[j] : m;
+    m = s[j] > m ? s[j] : m;
   }
   return m;
 }
@@ -219,7 +227,7 @@ struct TileShape {
 // band); 256 x 128 backward tiles (fewer, larger products; the four tiles of a thread,
 // 512 KiB, stay in L2 across the five products of a tile).
 TileShape tile_shape(int64_t L) {
-  return {L <= 256 ? 64 : 128, 512, 256, 128};
+  return {L <= 256 ? 64 : (L < 1024 ? 128 : 256), 512, 256, 128};
 }
 
 struct Problem {
@@ -299,9 +307,8 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
       T* s = tile.data() + r * block_n;
       const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i);
       score_row<T>(s, n, p.mask, mask_row, p.band, i, j0);
-      const T chunk_max = row_max(s, n);
-      // NaN wins (std::max would drop it): the row's statistics must say NaN, not -inf.
-      const T m_new = std::isnan(chunk_max) ? chunk_max : std::max(m_i[r], chunk_max);
+      // std::max keeps a NaN m_i (NaN < x is false), so a NaN row stays NaN.
+      const T m_new = std::max(m_i[r], row_max(s, n));
       const T m_safe = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;  // no -inf - -inf
       const T alpha = std::exp2(m_i[r] - m_safe);
       // A NaN score makes p, and so l and the whole output row, NaN (as at the reference).
@@ -319,7 +326,9 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
           s[j] *= dropout_row[j];
         }
       }
-      m_i[r] = m_new;
+      // The row's max is NaN once its sum is (row_max skips NaN): the saved statistics then
+      // make every p of the row NaN in the backward too, as at the reference.
+      m_i[r] = std::isnan(l_i[r]) ? l_i[r] : m_new;
     }
     gemm<T>(false, false, rows, p.DV, n, T(1), tile.data(), block_n, v.at(b, kv_h, j0), v.sm,
             T(1), acc.data(), p.DV);

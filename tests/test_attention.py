@@ -385,3 +385,39 @@ def test_flash_attn_func_bad_input():
         fastformer.flash_attn_func(q, q, q, window_size=(-2, 0))
     with pytest.raises(ValueError, match="head count dividing"):
         fastformer.flash_attn_func(q, torch.ones(2, 4, 2, 8), torch.ones(2, 4, 2, 8))
+
+
+@requires_extension
+@pytest.mark.parametrize("variant", ["plain", "mask-dropout", "band-gqa"])
+def test_cpp_ops_opcheck(variant):
+    """The C++ CPU ops against their schemas and fake kernels (torch.library.opcheck)."""
+    generator = torch.Generator().manual_seed(8)
+    heads_kv = 1 if variant == "band-gqa" else 2
+    q = torch.randn(2, 2, 9, 16, generator=generator)
+    k, v = (torch.randn(2, heads_kv, 13, d, generator=generator) for d in (16, 8))
+    mask = seed = None
+    dropout_p, band = 0.0, (0, -1, -1)
+    if variant == "mask-dropout":
+        mask = torch.randn(1, 2, 9, 13, generator=generator).expand(2, 2, 9, 13)
+        seed, dropout_p = torch.tensor([77], dtype=torch.int64), 0.25
+    if variant == "band-gqa":
+        band = (4, 3, 0)
+    arguments = (q, k, v, mask, seed, 0.25, dropout_p, *band)
+    torch.library.opcheck(torch.ops.fastformer.cpu_attention_fwd.default, arguments)
+    out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    backward = (grad_out, q, k, v, out, stats, grad_lse, mask, seed, 0.25, dropout_p, *band)
+    torch.library.opcheck(torch.ops.fastformer.cpu_attention_bwd.default, backward)
+
+
+@requires_extension
+def test_cpu_inference_calls_match_autograd_calls():
+    """Calls without gradients take the C++ op directly (no custom-op dispatch): the same
+    output as a call that records autograd."""
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 3, 11, 16, generator=generator) for _ in range(3))
+    with torch.no_grad():
+        direct = fastformer.scaled_dot_product_attention(q, k, v, is_causal=True)
+    recorded = fastformer.scaled_dot_product_attention(q.requires_grad_(), k, v, is_causal=True)
+    assert recorded.grad_fn is not None
+    torch.testing.assert_close(direct, recorded.detach(), rtol=0, atol=0)
