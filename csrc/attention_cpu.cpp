@@ -9,10 +9,10 @@
 // with z_ij the dropout multiplier (keep / (1 - p)), drawn from Philox at offset
 // ((b * Hq + h) * L + i) * S + j (philox.h). stats keeps (m_i, log2 l_i) per row.
 //
-// Tiles: the forward takes kBlockM query rows of one head at a time, against the keys that
-// one of them can see in chunks of kBlockNFwd, with online softmax; the backward takes a
-// block of kBlockNBwd keys of one kv head, accumulating its dK and dV over the query blocks
-// (of every query head of its group) that see it, and dQ in place. Scores and probabilities
+// Tiles (TileShape): the forward takes a block of query rows of one head at a time, against
+// the keys that one of them can see in chunks, with online softmax; the backward takes a
+// block of keys of one kv head, accumulating its dK and dV over the query blocks (of every
+// query head of its group) that see it, and dQ in place. Scores and probabilities
 // live in per-thread tiles, never in an (L, S) matrix; tile products go through BLAS
 // (cpu_blas.h). The band (causal, sliding windows) limits the keys of each query block and
 // the queries of each key block, so causal attention does about half the work.
@@ -20,7 +20,12 @@
 // Work split: the forward over (batch, head, query block); the backward over (batch, kv
 // head), each task owning its rows of dK, dV and dQ (no atomics, deterministic). When there
 // are fewer (batch, kv head) pairs than threads, each pair's keys are split into parts whose
-// dQ go to separate buffers, summed at the end.
+// dQ go to separate buffers, summed at the end in a fixed order.
+//
+// Limits: float32 and float64 (the op layer computes float16/bfloat16 in float32); any head
+// dims, Dv may differ from D; any strides (tensors BLAS cannot read in place, broadcast rows
+// or a non-unit last stride, are copied: blas_matrices); int64 offsets throughout
+// (BLAS takes 32-bit sizes: larger tiles or strides go through at::addmm_out instead).
 #include "cpu_allocation.h"
 #include "cpu_blas.h"
 #include "cpu_vec.h"
@@ -225,9 +230,12 @@ struct TileShape {
 // 128 x 512 forward tiles (each query block repacks its keys for the BLAS product, so more
 // rows amortize that), 64 x 512 for short sequences (finer blocks skip more of a causal
 // band); 256 x 128 backward tiles (fewer, larger products; the four tiles of a thread,
-// 512 KiB, stay in L2 across the five products of a tile).
-TileShape tile_shape(int64_t L) {
-  return {L <= 256 ? 64 : (L < 1024 ? 128 : 256), 512, 256, 128};
+// 512 KiB, stay in L2 across the five products of a tile). Tiles never exceed the problem
+// (a decoding step, L = 1, allocates one row, not 256).
+TileShape tile_shape(int64_t L, int64_t S) {
+  const auto fit = [](int64_t tile, int64_t size) { return std::clamp<int64_t>(size, 1, tile); };
+  const int64_t m_fwd = L <= 256 ? 64 : (L < 1024 ? 128 : 256);
+  return {fit(m_fwd, L), fit(512, S), fit(256, L), fit(128, S)};
 }
 
 struct Problem {
@@ -252,10 +260,6 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
               op, ": q, k and v must all be float32 or all float64, got ", q.scalar_type(), ", ",
               k.scalar_type(), " and ", v.scalar_type());
-  for (const Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, op,
-                ": q, k and v need a unit last stride, got strides ", t->strides());
-  }
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
               op, ": k and v must be (B, Hkv, S, *) with Hkv dividing q's heads, got q ",
@@ -270,10 +274,19 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
                 op, ": mask must be broadcast to (B, Hq, L, S) = (", B, ", ", Hq, ", ", L, ", ",
                 S, "), got ", mask->sizes());
   }
-  Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tile_shape(L), scale,
+  Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tile_shape(L, S), scale,
             Band{diagonal_offset, window_left, window_right, L, S}, Mask::of(mask),
             make_dropout(op, seed, dropout_p)};
   return p;
+}
+
+// t itself when BLAS can read each (batch, head) matrix of t through its strides: a unit
+// last stride and rows at least a row apart (not broadcast rows of stride 0, which BLAS's
+// leading dimension cannot express); else a contiguous copy.
+Tensor blas_matrices(const Tensor& t) {
+  const bool unit_columns = t.size(3) <= 1 || t.stride(3) == 1;
+  const bool rows_apart = t.size(2) <= 1 || t.stride(2) >= t.size(3);
+  return unit_columns && rows_apart ? t : t.contiguous();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -309,7 +322,8 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
       score_row<T>(s, n, p.mask, mask_row, p.band, i, j0);
       // std::max keeps a NaN m_i (NaN < x is false), so a NaN row stays NaN.
       const T m_new = std::max(m_i[r], row_max(s, n));
-      const T m_safe = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;  // no -inf - -inf
+      // A row that sees no key yet keeps m = -inf; shifting by 0 avoids -inf - -inf.
+      const T m_safe = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
       const T alpha = std::exp2(m_i[r] - m_safe);
       // A NaN score makes p, and so l and the whole output row, NaN (as at the reference).
       l_i[r] = l_i[r] * alpha + exp2_shifted(s, n, m_safe);
@@ -362,11 +376,12 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
   Tensor stats = at::empty({p.B, p.Hq, p.L, 2}, q.options());
   const int64_t block_m = p.tiles.m_fwd;
   const int64_t blocks = (p.L + block_m - 1) / block_m;
+  const Tensor q_blas = blas_matrices(q), k_blas = blas_matrices(k), v_blas = blas_matrices(v);
   AT_DISPATCH_FLOATING_TYPES(dtype, kFwd, [&] {
     using T = scalar_t;
-    const auto qh = Heads<const T>::of(q);
-    const auto kh = Heads<const T>::of(k);
-    const auto vh = Heads<const T>::of(v);
+    const auto qh = Heads<const T>::of(q_blas);
+    const auto kh = Heads<const T>::of(k_blas);
+    const auto vh = Heads<const T>::of(v_blas);
     T* out_data = out.data_ptr<T>();
     T* lse_data = lse.data_ptr<T>();
     T* stats_data = stats.data_ptr<T>();
@@ -486,7 +501,8 @@ void rows_delta(const Heads<const T>& grad_out, const Heads<const T>& out, const
     for (int64_t d = 0; d < p.DV; ++d) {
       dot += static_cast<double>(d_o[d]) * static_cast<double>(o[d]);
     }
-    delta[i] = static_cast<T>(dot) - (grad_lse == nullptr ? T(0) : grad_lse[(b * p.Hq + h) * p.L + i]);
+    const T grad_lse_i = grad_lse == nullptr ? T(0) : grad_lse[(b * p.Hq + h) * p.L + i];
+    delta[i] = static_cast<T>(dot) - grad_lse_i;
   }
 }
 
@@ -498,7 +514,9 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
   const Problem p = problem_of(kBwd, q, k, v, mask, seed, scale, dropout_p, diagonal_offset,
                                window_left, window_right);
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, p.DV}),
+  const std::vector<int64_t> out_shape{p.B, p.Hq, p.L, p.DV};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) &&
+                  out.sizes() == at::IntArrayRef(out_shape),
               kBwd, ": grad_out and out must be (B, Hq, L, Dv) = (", p.B, ", ", p.Hq, ", ", p.L,
               ", ", p.DV, "), got ", grad_out.sizes(), " and ", out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == dtype && out.scalar_type() == dtype &&
@@ -507,11 +525,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, 2}), kBwd,
               ": stats must be (B, Hq, L, 2), got ", stats.sizes());
   const Tensor stats_c = stats.contiguous();
-  const auto unit_last = [](const Tensor& t) {
-    return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous();
-  };
-  const Tensor grad_out_u = unit_last(grad_out);
-  const Tensor out_u = unit_last(out);
+  const Tensor q_blas = blas_matrices(q), k_blas = blas_matrices(k), v_blas = blas_matrices(v);
+  const Tensor grad_out_blas = blas_matrices(grad_out), out_blas = blas_matrices(out);
   // The lse's gradient enters every p_ij of its row through delta (see rows_delta).
   const bool has_grad_lse = grad_lse.has_value() && grad_lse->defined();
   TORCH_CHECK(!has_grad_lse || grad_lse->sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), kBwd,
@@ -527,17 +542,17 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
   const int64_t key_blocks = (p.S + block_n - 1) / block_n;
   const int64_t pairs = p.B * p.Hkv;
   const int64_t threads = at::get_num_threads();
-  const int64_t parts =
-      std::max<int64_t>(1, std::min(key_blocks, pairs >= threads ? 1 : (threads + pairs - 1) / pairs));
+  const int64_t parts_wanted = pairs >= threads ? 1 : (threads + pairs - 1) / pairs;
+  const int64_t parts = std::max<int64_t>(1, std::min(key_blocks, parts_wanted));
   Tensor grad_q_parts = parts > 1 ? at::zeros({parts - 1, p.B, p.Hq, p.L, p.D}, q.options())
                                   : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, kBwd, [&] {
     using T = scalar_t;
-    const auto qh = Heads<const T>::of(q);
-    const auto kh = Heads<const T>::of(k);
-    const auto vh = Heads<const T>::of(v);
-    const auto doh = Heads<const T>::of(grad_out_u);
-    const auto outh = Heads<const T>::of(out_u);
+    const auto qh = Heads<const T>::of(q_blas);
+    const auto kh = Heads<const T>::of(k_blas);
+    const auto vh = Heads<const T>::of(v_blas);
+    const auto doh = Heads<const T>::of(grad_out_blas);
+    const auto outh = Heads<const T>::of(out_blas);
     const T* stats_data = stats_c.data_ptr<T>();
     const T* grad_lse_data = has_grad_lse ? grad_lse_c.data_ptr<T>() : nullptr;
     at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {

@@ -53,8 +53,8 @@ TORCH_LIBRARY(fastformer, m) {
 
   // Flash attention on CPU tensors (float32, float64): the kernels fastformer::attention_fwd /
   // _bwd (fastformer/ops/attention.py) run for CPU tensors unless Triton's interpreter is
-  // switched on. q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) with a unit last
-  // stride, Hkv dividing Hq; mask broadcast to (B, Hq, L, S) by its strides (bool keeps where
+  // switched on. q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides, Hkv
+  // dividing Hq; mask broadcast to (B, Hq, L, S) by its strides (bool keeps where
   // true, float is added to the scores). Key j is visible to query i iff
   //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
   // (a negative side is unbounded). Returns out (B, Hq, L, Dv), lse (B, Hq, L) and stats

@@ -218,6 +218,24 @@ def test_dropout_statistics_seeding_and_gradients(kernels, device, impl, dtype, 
     assert_all_close_to_reference(fast, same, ref64, atol)
 
 
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
+def test_broadcast_rows(kernels, device, impl, dtype, atol):
+    """Inputs expanded along their rows (stride 0: one key repeated, one query repeated) and
+    a transposed value: read through their strides (the C++ kernels copy what BLAS cannot
+    read in place), never out of bounds."""
+    generator = torch.Generator().manual_seed(10)
+    tensors = {
+        "q": _randn(2, 2, 1, 16, dtype=dtype, device=device, generator=generator).expand(
+            2, 2, 5, 16
+        ),
+        "k": _randn(1, 1, 1, 16, dtype=dtype, device=device, generator=generator).expand(
+            2, 2, 7, 16
+        ),
+        "v": _randn(2, 2, 16, 7, dtype=dtype, device=device, generator=generator).transpose(-1, -2),
+    }
+    _check(tensors, atol)
+
+
 CPP_CASES = [c for c in KERNEL_CASES if c.values[1] == "c++"]
 
 

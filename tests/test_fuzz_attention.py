@@ -173,7 +173,14 @@ def sdpa_problem(
         call(reference.scaled_dot_product_attention),
         ["q", "k", "v"] + (["mask"] if case.mask.kind == "float_grad" else []),
         case.dtype,
+        tokens=_rows_per_key(case.length, *(case.heads or ())),
     )
+
+
+def _rows_per_key(length: int, q_heads: int = 1, kv_heads: int = 1) -> int:
+    """The query rows whose gradients a key's dK and dV sum: L times the heads sharing it
+    (Problem.tokens, which keeps such sums O(1))."""
+    return max(1, length * (q_heads // kv_heads if kv_heads else 1))
 
 
 def _half_precision_attention(problem: Problem) -> Problem:
@@ -338,6 +345,7 @@ def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float 
         ["q", "k", "v"],
         dtype,
         may_be_neginf=("lse",) if case.return_lse else (),
+        tokens=_rows_per_key(case.length, q_heads, kv_heads),
     )
 
 
