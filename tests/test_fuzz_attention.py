@@ -173,13 +173,18 @@ def sdpa_problem(
         call(reference.scaled_dot_product_attention),
         ["q", "k", "v"] + (["mask"] if case.mask.kind == "float_grad" else []),
         case.dtype,
-        tokens=_rows_per_key(case.length, *(case.heads or ())),
+        tokens=_rows_per_key(case.broadcast_grad, case.length, *(case.heads or ())),
     )
 
 
-def _rows_per_key(length: int, q_heads: int = 1, kv_heads: int = 1) -> int:
-    """The query rows whose gradients a key's dK and dV sum: L times the heads sharing it
-    (Problem.tokens, which keeps such sums O(1))."""
+def _rows_per_key(broadcast_grad: bool, length: int, q_heads: int = 1, kv_heads: int = 1) -> int:
+    """Problem.tokens for a broadcast (constant) cotangent: the query rows whose terms a key's
+    dK and dV sum, L times the heads sharing it, which keeps those sums O(1) (a constant
+    summed over 100 rows is some ulps off in any sequential float32 sum, while the float32
+    reference's pairwise sum of equal values can be exact). Random cotangents keep 1: their
+    sums grow only as a random walk, and dQ keeps its full size."""
+    if not broadcast_grad:
+        return 1
     return max(1, length * (q_heads // kv_heads if kv_heads else 1))
 
 
@@ -345,7 +350,7 @@ def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float 
         ["q", "k", "v"],
         dtype,
         may_be_neginf=("lse",) if case.return_lse else (),
-        tokens=_rows_per_key(case.length, q_heads, kv_heads),
+        tokens=_rows_per_key(case.broadcast_grad, case.length, q_heads, kv_heads),
     )
 
 

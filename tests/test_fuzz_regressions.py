@@ -199,7 +199,7 @@ HALF_PRECISION_GRADIENT_CASES = [
     ),
     pytest.param(
         "triton",
-        # 1.0e-2 vs 4.4e-3, of which 9.0e-3 is delta's rounding of out
+        # grad_k: 7.7e-3 vs 2.6e-3
         FlashCase(
             batch=2,
             heads=(2, 2),
@@ -213,8 +213,8 @@ HALF_PRECISION_GRADIENT_CASES = [
             window=(2, 0),
             softmax_scale=0.9994978432972793,
             layouts=(Layout((3, 0, 2, 1)), Layout((3, 0, 1, 2)), Layout((3, 0, 1, 2))),
-            broadcast_grad=True,
-            seed=211422,
+            broadcast_grad=False,
+            seed=13,
         ),
         id="triton-flash_attn_func-float16",
         marks=requires_interpreter,
