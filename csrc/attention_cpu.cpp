@@ -309,10 +309,14 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
   T* l_i = row_stats.data() + block_m;
   std::fill(m_i, m_i + rows, -std::numeric_limits<T>::infinity());
   std::fill(l_i, l_i + rows, T(0));
-  std::fill(acc.begin(), acc.begin() + rows * p.DV, T(0));
+  if (key_lo >= key_hi) {  // no key visible to the block: its rows come out as zeros
+    std::fill(acc.begin(), acc.begin() + rows * p.DV, T(0));
+  }
 
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += block_n) {
     const int64_t n = std::min(block_n, key_hi - j0);
+    // The first chunk writes acc (beta = 0) instead of rescaling and adding to zeros.
+    const bool first_chunk = j0 == key_lo;
     gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
             T(0), tile.data(), block_n);
     for (int64_t r = 0; r < rows; ++r) {
@@ -327,7 +331,7 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
       const T alpha = std::exp2(m_i[r] - m_safe);
       // A NaN score makes p, and so l and the whole output row, NaN (as at the reference).
       l_i[r] = l_i[r] * alpha + exp2_shifted(s, n, m_safe);
-      if (alpha != T(1)) {
+      if (!first_chunk && alpha != T(1)) {
         T* a = acc.data() + r * p.DV;
         for (int64_t d = 0; d < p.DV; ++d) {
           a[d] *= alpha;
@@ -345,7 +349,7 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
       m_i[r] = std::isnan(l_i[r]) ? l_i[r] : m_new;
     }
     gemm<T>(false, false, rows, p.DV, n, T(1), tile.data(), block_n, v.at(b, kv_h, j0), v.sm,
-            T(1), acc.data(), p.DV);
+            first_chunk ? T(0) : T(1), acc.data(), p.DV);
   }
 
   for (int64_t r = 0; r < rows; ++r) {
