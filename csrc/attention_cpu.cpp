@@ -225,12 +225,12 @@ struct TileShape {
   int64_t m_fwd, n_fwd, m_bwd, n_bwd;
 };
 
-// Swept on 2 Intel Xeon (Sapphire Rapids) cores, fp32, head dims 64 and 128, L = S from 128
-// to 2048, causal and not (an earlier sweep on AMD EPYC cores agreed within a few percent):
-// 128 x 512 forward tiles (each query block repacks its keys for the BLAS product, so more
-// rows amortize that), 64 x 512 for short sequences (finer blocks skip more of a causal
-// band); 256 x 128 backward tiles (fewer, larger products; the four tiles of a thread,
-// 512 KiB, stay in L2 across the five products of a tile). Tiles never exceed the problem
+// Swept on 2 Intel Xeon cores with AVX-512, fp32, head dims 64 and 128, L = S from 128 to
+// 2048, causal and not: forward tiles of 512 keys and 64 query rows up to L = 256 (finer
+// blocks skip more of a causal band), 128 below L = 1024, 256 from there (each query block
+// repacks its keys for the BLAS product, so more rows amortize that); 256 x 128 backward
+// tiles (fewer, larger products; a thread's tiles, 256 KiB, 512 KiB with dropout, stay in
+// L2 across the five products of a tile). Tiles never exceed the problem
 // (a decoding step, L = 1, allocates one row, not 256).
 TileShape tile_shape(int64_t L, int64_t S) {
   const auto fit = [](int64_t tile, int64_t size) { return std::clamp<int64_t>(size, 1, tile); };
@@ -406,14 +406,15 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
 // Backward
 // ------------------------------------------------------------------------------------------
 
-// Per-thread tiles of the backward: probabilities, their dropped copy, and dP / dS.
+// Per-thread tiles of the backward: probabilities and dP / dS, and with dropout the dropped
+// probabilities and the dropout multipliers (empty without dropout).
 template <typename T>
 struct BackwardTiles {
   std::vector<T> p, p_dropped, ds, dropout_row;
   std::vector<int64_t> vis_lo, vis_hi;
-  explicit BackwardTiles(const TileShape& s)
-      : p(s.m_bwd * s.n_bwd), p_dropped(s.m_bwd * s.n_bwd), ds(s.m_bwd * s.n_bwd),
-        dropout_row(s.m_bwd * s.n_bwd), vis_lo(s.m_bwd), vis_hi(s.m_bwd) {}
+  BackwardTiles(const TileShape& s, bool dropout)
+      : p(s.m_bwd * s.n_bwd), p_dropped(dropout ? s.m_bwd * s.n_bwd : 0), ds(s.m_bwd * s.n_bwd),
+        dropout_row(dropout ? s.m_bwd * s.n_bwd : 0), vis_lo(s.m_bwd), vis_hi(s.m_bwd) {}
 };
 
 // dK, dV of keys [j0, j0 + n) of kv head kv_h, and their share of dQ, from query block
@@ -560,7 +561,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
     const T* stats_data = stats_c.data_ptr<T>();
     const T* grad_lse_data = has_grad_lse ? grad_lse_c.data_ptr<T>() : nullptr;
     at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
-      BackwardTiles<T> tiles(p.tiles);
+      BackwardTiles<T> tiles(p.tiles, p.dropout.enabled);
       std::vector<T> delta(p.group * p.L);  // delta of the group's query heads
       for (int64_t task = begin; task < end; ++task) {
         const int64_t pair = task / parts, part = task % parts;

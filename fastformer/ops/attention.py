@@ -213,14 +213,14 @@ def _attend(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): out in q's dtype
     and lse (B, Hq, L) in _statistics_dtype."""
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    dtype = q.dtype
-    if _runs_cpp(q) and dtype not in _CPP_DTYPES:
+    dtype, cpp = q.dtype, _runs_cpp(q)
+    if cpp and dtype not in _CPP_DTYPES:
         # float16/bfloat16 on CPU: computed in float32 (autograd rounds the gradients back).
         q, k, v = q.float(), k.float(), v.float()
     arguments = (
@@ -236,7 +236,7 @@ def _attend(
         window_right,
     )
     forward = attention_fwd
-    if _runs_cpp(q) and not _records_autograd(q, k, v) and not torch.compiler.is_compiling():
+    if cpp and not _records_autograd(q, k, v) and not torch.compiler.is_compiling():
         # Nothing for autograd to record: the C++ kernel without the custom op's Python
         # dispatch, about 12 us a call (a third of a small inference call's overhead).
         forward = torch.ops.fastformer.cpu_attention_fwd
