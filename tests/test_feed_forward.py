@@ -448,10 +448,19 @@ def test_double_backward_raises_clearly():
         grad_x.sum().backward()
 
 
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_cpu_gemms_through_mkl_as_well(monkeypatch, activation, dtype, atol):
-    """FASTFORMER_CPU_GEMM=mkl sends the GEMMs oneDNN would run to ATen's addmm instead."""
-    monkeypatch.setenv("FASTFORMER_CPU_GEMM", "mkl")
+def test_cpu_gemms_through_either_library(monkeypatch, library, activation, dtype, atol):
+    """FASTFORMER_CPU_GEMM picks the library of the F.linear-form GEMMs (the default depends
+    on the CPU's maker): both give the reference's results."""
+    monkeypatch.setenv("FASTFORMER_CPU_GEMM", library)
     tensors = _inputs((37,), 24, 40, 19, activation, dtype, "cpu")
     _check_against_reference(tensors, atol, activation=activation)
+
+
+def test_cpu_gemm_setting_must_name_a_library(monkeypatch):
+    monkeypatch.setenv("FASTFORMER_CPU_GEMM", "blis")
+    tensors = _inputs((5,), 8, 16, 8, "gelu", torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="FASTFORMER_CPU_GEMM must be 'onednn', 'mkl'"):
+        fastformer.feed_forward(**tensors, activation="gelu")

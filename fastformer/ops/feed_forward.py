@@ -49,6 +49,9 @@ def _fake_bwd(grad_out, x, w1, b1, w2, preact, activation, dropout_p, seed, has_
 def _setup_context(ctx, inputs, output) -> None:
     x, w1, b1, w2, b2, activation, dropout_p, seed, save_preact = inputs
     _out, preact = output
+    # preact is saved for backward, never a result to differentiate: without this, autograd
+    # would fill an (M, hidden) buffer with zeros for its gradient at every backward.
+    ctx.mark_non_differentiable(preact)
     # Backward needs x and the pre-activation (or recomputes it from x, w1, b1): never the
     # hidden activation or a dropout mask.
     ctx.save_for_backward(x, w1, b1, w2, preact if save_preact else None, seed)

@@ -85,6 +85,7 @@ def _fake_bwd(
 def _setup_context(ctx, inputs, output) -> None:
     x, residual, weight, bias, seed, _eps, dropout_p, rms_norm, _h_dtype, store_h = inputs
     _out, h, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)  # saved statistics: no zero-filled gradients
     # The normalized input is h, or x itself when h was not written (h equals x).
     ctx.save_for_backward(h if store_h else x, weight, mean, rstd, seed)
     ctx.store_h = store_h
