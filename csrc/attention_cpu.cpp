@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -220,6 +221,24 @@ struct Heads {
   }
 };
 
+// An empty (B, H, rows, cols) tensor laid out in memory as `like` is: its first three dims
+// ordered by like's strides (largest first, ties in dim order), cols innermost. Outputs so
+// laid out let a caller's view of (B, L, H, D) projections (q = x.unflatten(-1, (H, D))
+// .transpose(1, 2)) go back to (B, L, H * D) without a copy. The fake kernels
+// (fastformer/ops/attention.py, _cpp_layout_like) follow the same rule.
+Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> sizes, at::ScalarType dtype) {
+  std::array<int64_t, 3> order{0, 1, 2};
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return like.stride(a) > like.stride(b); });
+  Tensor physical = empty_cpu_huge_pages(
+      {sizes[order[0]], sizes[order[1]], sizes[order[2]], sizes[3]}, dtype);
+  std::array<int64_t, 4> logical{0, 0, 0, 3};  // the physical dim of each logical dim
+  for (int64_t i = 0; i < 3; ++i) {
+    logical[order[i]] = i;
+  }
+  return physical.permute(logical);
+}
+
 // Tile shapes: query rows and keys of a forward tile, of a backward tile.
 struct TileShape {
   int64_t m_fwd, n_fwd, m_bwd, n_bwd;
@@ -295,7 +314,8 @@ Tensor blas_matrices(const Tensor& t) {
 
 template <typename T>
 void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const T>& k,
-                   const Heads<const T>& v, T* out, T* lse, T* stats, int64_t b, int64_t h,
+                   const Heads<const T>& v, const Heads<T>& out, T* lse, T* stats, int64_t b,
+                   int64_t h,
                    int64_t i0, std::vector<T>& tile, std::vector<T>& acc,
                    std::vector<T>& dropout_row, std::vector<T>& row_stats) {
   const int64_t block_m = p.tiles.m_fwd, block_n = p.tiles.n_fwd;
@@ -304,7 +324,7 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
   const T qk_scale = static_cast<T>(p.scale * kLog2e);
   const int64_t key_lo = p.band.lo(i0);
   const int64_t key_hi = std::max(key_lo, p.band.hi(i0 + rows - 1));
-  const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of out, lse, stats
+  const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of lse, stats
   T* m_i = row_stats.data();
   T* l_i = row_stats.data() + block_m;
   std::fill(m_i, m_i + rows, -std::numeric_limits<T>::infinity());
@@ -356,7 +376,7 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
     const bool empty = l_i[r] == T(0);  // every key masked: zeros, lse -inf
     const T inv = empty ? T(0) : static_cast<T>(p.dropout.scale) / l_i[r];
     const T* a = acc.data() + r * p.DV;
-    T* o = out + (row0 + r) * p.DV;
+    T* o = out.at(b, h, i0 + r);
     for (int64_t d = 0; d < p.DV; ++d) {
       o[d] = a[d] * inv;
     }
@@ -375,7 +395,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
   const Problem p = problem_of(kFwd, q, k, v, mask, seed, scale, dropout_p, diagonal_offset,
                                window_left, window_right);
   const auto dtype = q.scalar_type();
-  Tensor out = empty_cpu_huge_pages({p.B, p.Hq, p.L, p.DV}, dtype);
+  Tensor out = empty_in_layout_of(q, {p.B, p.Hq, p.L, p.DV}, dtype);
   Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options());
   Tensor stats = at::empty({p.B, p.Hq, p.L, 2}, q.options());
   const int64_t block_m = p.tiles.m_fwd;
@@ -386,7 +406,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
     const auto qh = Heads<const T>::of(q_blas);
     const auto kh = Heads<const T>::of(k_blas);
     const auto vh = Heads<const T>::of(v_blas);
-    T* out_data = out.data_ptr<T>();
+    const auto outh = Heads<T>::of(out);
     T* lse_data = lse.data_ptr<T>();
     T* stats_data = stats.data_ptr<T>();
     at::parallel_for(0, p.B * p.Hq * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -394,7 +414,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
           dropout_row(p.tiles.n_fwd), row_stats(2 * block_m);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks;
-        forward_block<T>(p, qh, kh, vh, out_data, lse_data, stats_data, bh / p.Hq, bh % p.Hq,
+        forward_block<T>(p, qh, kh, vh, outh, lse_data, stats_data, bh / p.Hq, bh % p.Hq,
                          (task % blocks) * block_m, tile, acc, dropout_row, row_stats);
       }
     });
@@ -422,13 +442,14 @@ struct BackwardTiles {
 template <typename T>
 void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const T>& k,
                    const Heads<const T>& v, const Heads<const T>& grad_out, const T* stats,
-                   const T* delta, T* grad_q, T* grad_k, T* grad_v, int64_t b, int64_t h,
+                   const T* delta, const Heads<T>& grad_q, const Heads<T>& grad_k,
+                   const Heads<T>& grad_v, int64_t b, int64_t h,
                    int64_t i0, int64_t rows, int64_t j0, int64_t n, BackwardTiles<T>& t) {
   const int64_t ld = p.tiles.n_bwd;
   const int64_t kv_h = h / p.group;
   const T qk_scale = static_cast<T>(p.scale * kLog2e);
   const T scale = static_cast<T>(p.scale);
-  const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of stats, grad_q
+  const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of stats
   const T* dout = grad_out.at(b, h, i0);
   gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
           T(0), t.p.data(), ld);
@@ -459,7 +480,7 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
   const T* p_for_v = p.dropout.enabled ? t.p_dropped.data() : t.p.data();
   // dV_j += sum_i z_ij p_ij dO_i
   gemm<T>(true, false, n, p.DV, rows, T(1), p_for_v, ld, dout, grad_out.sm, T(1),
-          grad_v + j0 * p.DV, p.DV);
+          grad_v.at(b, kv_h, j0), grad_v.sm);
   // dP_ij = dO_i . v_j
   gemm<T>(false, true, rows, n, p.DV, T(1), dout, grad_out.sm, v.at(b, kv_h, j0), v.sm, T(0),
           t.ds.data(), ld);
@@ -489,9 +510,9 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
   }
   // dQ_i += scale * sum_j dS_ij k_j,  dK_j += scale * sum_i dS_ij q_i
   gemm<T>(false, false, rows, p.D, n, scale, t.ds.data(), ld, k.at(b, kv_h, j0), k.sm, T(1),
-          grad_q + row0 * p.D, p.D);
+          grad_q.at(b, h, i0), grad_q.sm);
   gemm<T>(true, false, n, p.D, rows, scale, t.ds.data(), ld, q.at(b, h, i0), q.sm, T(1),
-          grad_k + j0 * p.D, p.D);
+          grad_k.at(b, kv_h, j0), grad_k.sm);
 }
 
 // delta_i = dO_i . out_i - dlse_i for every row i of head h, the dot product in double (it
@@ -537,9 +558,9 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
   TORCH_CHECK(!has_grad_lse || grad_lse->sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), kBwd,
               ": grad_lse must be (B, Hq, L), got ", grad_lse->sizes());
   const Tensor grad_lse_c = has_grad_lse ? grad_lse->to(dtype).contiguous() : Tensor();
-  Tensor grad_q = empty_cpu_huge_pages({p.B, p.Hq, p.L, p.D}, dtype).zero_();
-  Tensor grad_k = empty_cpu_huge_pages({p.B, p.Hkv, p.S, p.D}, dtype).zero_();
-  Tensor grad_v = empty_cpu_huge_pages({p.B, p.Hkv, p.S, p.DV}, dtype).zero_();
+  Tensor grad_q = empty_in_layout_of(q, {p.B, p.Hq, p.L, p.D}, dtype).zero_();
+  Tensor grad_k = empty_in_layout_of(k, {p.B, p.Hkv, p.S, p.D}, dtype).zero_();
+  Tensor grad_v = empty_in_layout_of(v, {p.B, p.Hkv, p.S, p.DV}, dtype).zero_();
 
   // Tasks: (batch, kv head, part of its key blocks). Parts > 1 only when there are fewer
   // (batch, kv head) pairs than threads; part > 0 writes dQ into its own buffer.
@@ -558,6 +579,13 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
     const auto vh = Heads<const T>::of(v_blas);
     const auto doh = Heads<const T>::of(grad_out_blas);
     const auto outh = Heads<const T>::of(out_blas);
+    // dQ of part 0 goes to grad_q, of part i > 0 to grad_q_parts[i - 1].
+    std::vector<Heads<T>> dq_parts{Heads<T>::of(grad_q)};
+    for (int64_t part = 1; part < parts; ++part) {
+      dq_parts.push_back(Heads<T>::of(grad_q_parts[part - 1]));
+    }
+    const auto dkh = Heads<T>::of(grad_k);
+    const auto dvh = Heads<T>::of(grad_v);
     const T* stats_data = stats_c.data_ptr<T>();
     const T* grad_lse_data = has_grad_lse ? grad_lse_c.data_ptr<T>() : nullptr;
     at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
@@ -570,10 +598,6 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
           const int64_t h = kv_h * p.group + g;
           rows_delta<T>(doh, outh, grad_lse_data, p, b, h, delta.data() + g * p.L);
         }
-        T* dq = part == 0 ? grad_q.data_ptr<T>()
-                          : grad_q_parts.data_ptr<T>() + (part - 1) * grad_q.numel();
-        T* dk = grad_k.data_ptr<T>() + pair * p.S * p.D;
-        T* dv = grad_v.data_ptr<T>() + pair * p.S * p.DV;
         const int64_t first_block = part * key_blocks / parts;
         const int64_t end_block = (part + 1) * key_blocks / parts;
         for (int64_t kb = first_block; kb < end_block; ++kb) {
@@ -582,7 +606,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
           for (int64_t h = kv_h * p.group; h < (kv_h + 1) * p.group; ++h) {
             for (int64_t i0 = row_begin; i0 < row_end; i0 += block_m) {
               const T* delta_rows = delta.data() + (h - kv_h * p.group) * p.L + i0;
-              backward_tile<T>(p, qh, kh, vh, doh, stats_data, delta_rows, dq, dk, dv, b, h, i0,
+              backward_tile<T>(p, qh, kh, vh, doh, stats_data, delta_rows, dq_parts[part], dkh, dvh, b, h, i0,
                                std::min(block_m, row_end - i0), j0, n, tiles);
             }
           }

@@ -428,6 +428,68 @@ def test_cpp_ops_opcheck(variant):
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_bwd.default, backward)
 
 
+def _projection_views(batch_first: bool, generator: torch.Generator) -> list[torch.Tensor]:
+    """q, k, v (B, H, L, D) as multi-head attention takes them from one packed projection:
+    views of a (B, L, 3 * H * D) tensor, or of an (L, B, 3 * H * D) one."""
+    batch, length, heads, head_dim = 2, 9, 3, 16
+    shape = (batch, length) if batch_first else (length, batch)
+    packed = torch.randn(*shape, 3 * heads * head_dim, generator=generator)
+    views = [t.unflatten(-1, (heads, head_dim)) for t in packed.chunk(3, dim=-1)]
+    return [t.transpose(1, 2) if batch_first else t.permute(1, 2, 0, 3) for t in views]
+
+
+@requires_extension
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cpp_outputs_laid_out_as_inputs(batch_first):
+    """The C++ kernels write out and dq like q, dk like k, dv like v (so a module's
+    transpose back to (B, L, H * D) is free), and the fake kernels say the same strides."""
+    generator = torch.Generator().manual_seed(10)
+    no_band = (0, -1, -1)  # diagonal offset, window left and right: every key visible
+    q, k, v = _projection_views(batch_first, generator)
+    torch.library.opcheck(
+        torch.ops.fastformer.cpu_attention_fwd.default, (q, k, v, None, None, 0.25, 0.0, *no_band)
+    )
+    out, _lse, stats = torch.ops.fastformer.cpu_attention_fwd(
+        q, k, v, None, None, 0.25, 0.0, *no_band
+    )
+    grad_out = torch.randn(out.shape, generator=generator)
+    grads = torch.ops.fastformer.cpu_attention_bwd(
+        grad_out, q, k, v, out, stats, None, None, None, 0.25, 0.0, *no_band
+    )
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake_q, fake_k, fake_v = (mode.from_tensor(t) for t in (q, k, v))
+        fake_out = torch.ops.fastformer.cpu_attention_fwd(
+            fake_q, fake_k, fake_v, None, None, 0.25, 0.0, *no_band
+        )[0]
+        fake_grads = torch.ops.fastformer.cpu_attention_bwd(
+            fake_out,
+            fake_q,
+            fake_k,
+            fake_v,
+            fake_out,
+            torch.empty(2, 3, 9, 2),
+            None,
+            None,
+            None,
+            0.25,
+            0.0,
+            *no_band,
+        )
+    for real, fake, like in zip((out, *grads), (fake_out, *fake_grads), (q, q, k, v), strict=True):
+        back = real.transpose(1, 2) if batch_first else real.permute(2, 0, 1, 3)
+        assert back.is_contiguous()
+        assert real.stride() == fake.stride()
+        assert sorted(range(3), key=lambda d: -real.stride(d)) == sorted(
+            range(3), key=lambda d: -like.stride(d)
+        )
+    tensors = {"q": q, "k": k, "v": v}
+    fast = {"out": out, **{f"grad_{name}": g for name, g in zip(tensors, grads, strict=True)}}
+    same = _grads(reference.scaled_dot_product_attention, tensors, grad_out, scale=0.25)
+    as64 = {name: t.double() for name, t in tensors.items()}
+    ref64 = _grads(reference.scaled_dot_product_attention, as64, grad_out, scale=0.25)
+    assert_all_close_to_reference(fast, same, ref64, 1e-5)
+
+
 @requires_extension
 def test_cpu_inference_calls_match_autograd_calls():
     """Calls without gradients take the C++ op directly (no custom-op dispatch): the same

@@ -82,10 +82,22 @@ def attention_fwd(
     return tuple(attention_forward(*arguments))
 
 
+def _output_like(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An empty output of `shape` laid out as the kernels write it: the Triton kernels
+    contiguously; the C++ kernels in the memory order of `like` (its first three dims by
+    stride, largest first, ties in dim order; the last innermost, as csrc/attention_cpu.cpp's
+    empty_in_layout_of), so that outputs for views of (B, L, H, D) projections go back to
+    (B, L, H * D) without a copy."""
+    if not _runs_cpp(like):
+        return like.new_empty(shape)
+    order = sorted(range(3), key=lambda dim: -like.stride(dim))
+    return torch.empty_permuted(shape, (*order, 3), dtype=like.dtype, device=like.device)
+
+
 @attention_fwd.register_fake
 def _fake_fwd(q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right):
     batch, heads, length, _ = q.shape
-    out = q.new_empty((batch, heads, length, v.shape[-1]))
+    out = _output_like(q, (batch, heads, length, v.shape[-1]))
     statistics = _statistics_dtype(q)
     lse = q.new_empty((batch, heads, length), dtype=statistics)
     return out, lse, q.new_empty((batch, heads, length, 2), dtype=statistics)
@@ -135,8 +147,7 @@ def _fake_bwd(
     window_left,
     window_right,
 ):
-    # Contiguous, as the kernels write them (empty_like would keep a transposed q's strides).
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return tuple(_output_like(t, tuple(t.shape)) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
