@@ -7,7 +7,7 @@ Maths, for query i of head h (reading kv head h // (Hq / Hkv)) and key j, in flo
     lse_i = log sum_j exp(s_ij)                   -inf when every key of row i is masked
     p_ij  = exp(s_ij - lse_i),   z_ij = rand(seed, ((b * Hq + h) * L + i) * S + j) >= p_drop
     out_i = sum_j p_ij * z_ij / (1 - p_drop) * v_j          (0 for a fully masked row)
-Backward, with delta_i = dO_i . out_i:
+Backward, with delta_i = dO_i . out_i (out in float32: see OUT_RESIDUAL):
     dP_ij = z_ij / (1 - p_drop) * dO_i . v_j,    dS_ij = p_ij * (dP_ij - delta_i)
     dq_i  = scale * sum_j dS_ij k_j,   dk_j = scale * sum_i dS_ij q_i,
     dv_j  = sum_i p_ij * z_ij / (1 - p_drop) * dO_i     (dk, dv summed over the kv head's group)
@@ -25,9 +25,10 @@ Limits and choices:
 - Key blocks outside the band are skipped by the loop bounds; blocks wholly inside the band
   and the sequences run without the per-element band mask (three loops, one body).
 - Dropout is regenerated from the Philox seed in the backward; nothing is stored.
-- Backward: delta by a preprocess kernel; dK/dV per key block looping over query blocks and
-  over every query head of the group; dQ per query block looping over key blocks. No
-  atomics: the results are deterministic.
+- Backward: delta by a preprocess kernel (for half-precision inputs from out plus the
+  forward's out_residual, the float32 out's rounding error, when the op keeps it); dK/dV
+  per key block looping over query blocks and over every query head of the group; dQ per
+  query block looping over key blocks. No atomics: the results are deterministic.
 - Grids are one-dimensional (blocks x batch x heads in dim 0). On CUDA the tile shapes are
   autotuned per head dim, dtype, features and power-of-two buckets of L and S; under
   Triton's interpreter a single 16 x 16 tile is used.
@@ -44,6 +45,7 @@ import triton.language as tl
 
 from ._common import (
     empty,
+    empty_absent,
     next_power_of_2,
     require_unit_column_stride,
     serialized_when_interpreting,
@@ -230,6 +232,9 @@ def _attention_fwd_kernel(
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
     SEED,  # [1] int64 Philox seed (unused without HAS_DROPOUT)
     OUT,  # [B, Hq, L, DV] output, contiguous, q's dtype
+    OUT_RESIDUAL,  # [B, Hq, L, DV] out in float32 minus OUT, in q's dtype, contiguous (unused
+    #                without HAS_RESIDUAL): OUT + OUT_RESIDUAL is out to about float32's
+    #                precision, for the backward's delta (attention_backward.py)
     LSE,  # [B, Hq, L] float32 log-sum-exp of the scores (natural log), contiguous
     STATS,  # [B, Hq, L, 2] float32 row statistics (base 2) for the backward: the row max of
     #         the scores and log2 of the row sum (lse = (max + log2 sum) * ln 2). Contiguous.
@@ -256,6 +261,7 @@ def _attention_fwd_kernel(
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    HAS_RESIDUAL: tl.constexpr,  # write OUT_RESIDUAL
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     BLOCK_D: tl.constexpr,  # D padded to a power of two
@@ -315,8 +321,13 @@ def _attention_fwd_kernel(
     row_max = tl.where(l_i == 0.0, float("-inf"), m_i)
     log2_sum = tl.where(l_i == 0.0, float("-inf"), tl.math.log2(l_safe))
     out_rows = bh.to(tl.int64) * L + rows
-    tl.store(OUT + out_rows[:, None] * DV + cols_dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=(rows < L)[:, None] & (cols_dv < DV)[None, :])
+    out_offsets = out_rows[:, None] * DV + cols_dv[None, :]
+    out_mask = (rows < L)[:, None] & (cols_dv < DV)[None, :]
+    rounded = out.to(OUT.dtype.element_ty)
+    tl.store(OUT + out_offsets, rounded, mask=out_mask)
+    if HAS_RESIDUAL:
+        residual = out - rounded.to(tl.float32)
+        tl.store(OUT_RESIDUAL + out_offsets, residual.to(OUT.dtype.element_ty), mask=out_mask)
     tl.store(LSE + out_rows, (row_max + log2_sum) * LN2, mask=rows < L)
     tl.store(STATS + out_rows * 2, row_max, mask=rows < L)
     tl.store(STATS + out_rows * 2 + 1, log2_sum, mask=rows < L)
@@ -328,6 +339,9 @@ class AttentionForward(NamedTuple):
     # (B, Hq, L, 2) float32, for the backward: row max of the base-2 scores and log2 of the
     # row sum, both -inf for a row whose keys are all masked.
     stats: torch.Tensor
+    # (B, Hq, L, Dv) in q's dtype: out computed in float32 minus out rounded (their sum is out
+    # to about float32's precision); numel 0 unless asked for with a half-precision q.
+    out_residual: torch.Tensor
 
 
 class _Problem(NamedTuple):
@@ -411,17 +425,22 @@ def attention_forward(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
+    keep_residual: bool,
 ) -> AttentionForward:
     """Launch the forward kernel; see the module docstring for the maths. The arguments are
-    those of the op fastformer::attention_fwd, in its order."""
+    those of the op fastformer::attention_fwd, in its order. keep_residual: also return
+    out_residual where q is in half precision (for the backward's delta)."""
     problem = _check("attention_fwd", q, k, v, mask, seed, dropout_p)
     batch, heads, length = problem.batch, problem.heads, problem.length
     value_dim = problem.value_dim
     out = empty((batch, heads, length, value_dim), q.dtype, q.device)
     lse = empty((batch, heads, length), torch.float32, q.device)
     stats = empty((batch, heads, length, 2), torch.float32, q.device)
+    has_residual = keep_residual and q.dtype != torch.float32
+    out_residual = empty(out.shape, q.dtype, q.device) if has_residual else empty_absent(
+        q.dtype, q.device)
     if out.numel() == 0:
-        return AttentionForward(out, lse, stats)
+        return AttentionForward(out, lse, stats, out_residual)
     mask_arg, mask_strides = _mask_args(mask)
     has_dropout = dropout_p > 0.0
 
@@ -429,10 +448,12 @@ def attention_forward(
         return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
 
     _attention_fwd_kernel[grid](
-        q, k, v, mask_arg, seed if has_dropout else None, out, lse, stats,
+        q, k, v, mask_arg, seed if has_dropout else None, out,
+        out_residual if has_residual else None, lse, stats,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         heads, heads // problem.kv_heads, length, problem.source, problem.head_dim, value_dim,
         scale, diagonal_offset, window_left, window_right, dropout_p,
+        HAS_RESIDUAL=has_residual,
         **_features(problem, q, mask, dropout_p, window_left, window_right),
     )
-    return AttentionForward(out, lse, stats)
+    return AttentionForward(out, lse, stats, out_residual)

@@ -58,6 +58,8 @@ from .attention import (
 @triton.jit
 def _attention_bwd_preprocess_kernel(
     OUT,  # [B, Hq, L, DV] forward output, unit column stride
+    OUT_RESIDUAL,  # [B, Hq, L, DV] the forward's out_residual, OUT's strides (unused without
+    #                HAS_RESIDUAL)
     GRAD_OUT,  # [B, Hq, L, DV] gradient of the output, unit column stride
     DELTA,  # [B, Hq, L] float32 rowsum(OUT * GRAD_OUT), contiguous
     stride_ob, stride_oh, stride_om,  # strides of OUT in elements (batch, head, row)
@@ -65,15 +67,22 @@ def _attention_bwd_preprocess_kernel(
     H,  # query heads
     L,  # query length
     DV,  # head dim of v
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
     bh, b, h, start_m = _program_block(L, H, BLOCK_M, False)
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_DV)
-    out = _load_rows(OUT + b * stride_ob + h * stride_oh, rows, L, stride_om, cols, DV)
+    out_base = b * stride_ob + h * stride_oh
+    out = _load_rows(OUT + out_base, rows, L, stride_om, cols, DV).to(tl.float32)
+    if HAS_RESIDUAL:
+        # out to about float32's precision: delta_i cancels against dP_ij in dS_ij where a
+        # row's attention sits on few keys, and out rounded to half precision makes dq and
+        # dk several times less accurate than the rest of the computation there.
+        out += _load_rows(OUT_RESIDUAL + out_base, rows, L, stride_om, cols, DV).to(tl.float32)
     grad_out = _load_rows(GRAD_OUT + b * stride_gb + h * stride_gh, rows, L, stride_gm, cols, DV)
-    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), axis=1)
+    delta = tl.sum(out * grad_out.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
 
 
@@ -298,6 +307,7 @@ def attention_backward(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
+    out_residual: torch.Tensor | None,
 ) -> AttentionBackward:
     """Launch the backward kernels; see the module docstring for the maths. The arguments
     are those of the op fastformer::attention_bwd, in its order."""
@@ -313,6 +323,11 @@ def attention_backward(
     if tuple(stats.shape) != (batch, heads, length, 2) or stats.dtype != torch.float32:
         raise ValueError(f"{op}: stats must be float32 {(batch, heads, length, 2)}, got "
                          f"{stats.dtype} {tuple(stats.shape)}")
+    has_residual = out_residual is not None and out_residual.numel() > 0
+    if has_residual and (out_residual.shape != out.shape or out_residual.stride() != out.stride()
+                         or out_residual.dtype != out.dtype):
+        raise ValueError(f"{op}: out_residual must have out's shape, strides and dtype, got "
+                         f"{out_residual.dtype} {tuple(out_residual.shape)}")
     device = q.device
     grad_q = empty(tuple(q.shape), q.dtype, device)
     grad_k = empty(tuple(k.shape), k.dtype, device)
@@ -329,8 +344,9 @@ def attention_backward(
     if batch * heads * length > 0:
         preprocess_grid = (triton.cdiv(length, _PREPROCESS_BLOCK_M) * batch * heads,)
         _attention_bwd_preprocess_kernel[preprocess_grid](
-            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, length,
-            problem.value_dim, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=features["BLOCK_DV"],
+            out, out_residual if has_residual else None, grad_out, delta, *out.stride()[:3],
+            *grad_out.stride()[:3], heads, length, problem.value_dim, HAS_RESIDUAL=has_residual,
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DV=features["BLOCK_DV"],
         )
     if grad_lse is not None:
         # d lse_i / d s_ij = p_ij: the lse's gradient G_i joins dS_ij = p_ij (dP_ij - delta_i)

@@ -27,6 +27,9 @@ HAS_INTERPRETER = backend.triton_interpreter_enabled() and backend.triton_availa
 
 requires_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="fastformer._C is not built")
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+requires_interpreter = pytest.mark.skipif(
+    not HAS_INTERPRETER, reason="needs Triton's interpreter (TRITON_INTERPRET=1 without a GPU)"
+)
 
 # (device, implementation) pairs this machine can run. "c++" is the CPU extension;
 # "triton" is the Triton kernel, on the GPU or, on CPU, through the interpreter.

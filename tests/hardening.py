@@ -17,7 +17,7 @@ from torch import Tensor
 
 import fastformer
 from fastformer import reference
-from tests.conftest import HAS_INTERPRETER, requires_cuda
+from tests.conftest import requires_cuda, requires_interpreter
 from tests.test_attention import _grads as attention_results
 from tests.test_feed_forward import _CUDA_READY as FEED_FORWARD_CUDA_READY
 from tests.test_feed_forward import _run as feed_forward_results
@@ -27,9 +27,6 @@ from tests.tolerance import assert_close_to_reference
 Results = dict[str, Tensor | None]
 Step = Callable[[], list[Tensor]]  # one forward + backward; returns outputs and gradients
 
-requires_interpreter = pytest.mark.skipif(
-    not HAS_INTERPRETER, reason="needs Triton's interpreter (TRITON_INTERPRET=1 without a GPU)"
-)
 # (device, implementation) as the use_implementation fixture of conftest.py takes them.
 CPU = pytest.param("cpu", "c++", id="cpu")
 INTERPRETER = pytest.param("cpu", "triton", id="interpreter", marks=requires_interpreter)

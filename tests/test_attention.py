@@ -15,6 +15,7 @@ from tests.conftest import (
     HAS_INTERPRETER,
     implementation_cases,
     requires_extension,
+    requires_interpreter,
 )
 from tests.tolerance import assert_all_close_to_reference
 
@@ -426,6 +427,35 @@ def test_cpp_ops_opcheck(variant):
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
     backward = (grad_out, q, k, v, out, stats, grad_lse, mask, seed, 0.25, dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_bwd.default, backward)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("keep_residual", [True, False])
+def test_triton_half_precision_out_residual(keep_residual):
+    """With keep_residual (a call that records autograd), the float16 forward also returns
+    out's float32 rounding error, for the backward's delta (the gradients it fixes are
+    test_fuzz_regressions.py's half-precision cases); without it nothing is allocated. The
+    op's schema and fake kernel (opcheck) in both modes."""
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 19, 16, generator=generator).half() for _ in range(3))
+    arguments = (q, k, v, None, None, 0.25, 0.0, 0, -1, -1, keep_residual)
+    with fastformer.triton_on_cpu(True):
+        out, _lse, _stats, residual = torch.ops.fastformer.attention_fwd(*arguments)
+        torch.library.opcheck(torch.ops.fastformer.attention_fwd.default, arguments)
+        without = torch.ops.fastformer.attention_fwd(*arguments[:-1], False)[0]
+    assert torch.equal(out, without)
+    if not keep_residual:
+        assert residual.numel() == 0
+        return
+    assert residual.shape == out.shape and residual.dtype == out.dtype
+    # out is the float32 result rounded to nearest: the residual is within half its spacing,
+    # and nonzero almost everywhere.
+    half_spacing = torch.finfo(torch.float16).eps / 2 * out.double().abs()
+    assert (residual.double().abs() <= half_spacing).all()
+    assert (residual != 0).float().mean() > 0.9
+    exact = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.25)
+    rounded_error = (out.double() - exact).abs().mean()
+    assert (out.double() + residual.double() - exact).abs().mean() < rounded_error
 
 
 def _projection_views(batch_first: bool, generator: torch.Generator) -> list[torch.Tensor]:

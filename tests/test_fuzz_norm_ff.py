@@ -14,6 +14,7 @@ from torch import Tensor
 
 import fastformer
 from fastformer import reference
+from tests.conftest import requires_extension
 from tests.fuzzing import (
     CPU_DTYPES,
     INTERPRETER_DTYPES,
@@ -27,7 +28,6 @@ from tests.fuzzing import (
     fuzz_settings,
     layouts,
     randn,
-    requires_extension,
     requires_interpreter,
     seeds,
 )

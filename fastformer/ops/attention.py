@@ -36,6 +36,7 @@ torch_sdpa = F.scaled_dot_product_attention
 # The C++ CPU kernels compute in float32 or float64; float16 and bfloat16 CPU tensors are
 # computed in float32 and rounded back (see _attend).
 _CPP_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 backend.register_op(
     OP, backend.OpSupport(cuda_dtypes=_TRITON_DTYPES, cpu_dtypes=_checks.FLOAT_DTYPES)
 )
@@ -69,17 +70,21 @@ def attention_fwd(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+    keep_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out (B, Hq, L, Dv), lse (B, Hq, L), stats (B, Hq, L, 2): row max and log2 row sum
-    of the base-2 scores for the backward, see kernels/attention.py) of q (B, Hq, L, D),
-    k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S) (stride 0 where
-    broadcast). lse and stats in _statistics_dtype(q)."""
+    of the base-2 scores for the backward, see kernels/attention.py, out_residual) of
+    q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S)
+    (stride 0 where broadcast). lse and stats in _statistics_dtype(q). out_residual: with
+    keep_residual and a half-precision q, out computed in float32 minus out (for the
+    backward's delta); numel 0 otherwise (the C++ kernels compute in float32 or float64)."""
     arguments = (q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right)
     if _runs_cpp(q):
-        return tuple(torch.ops.fastformer.cpu_attention_fwd(*arguments))
+        out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
+        return out, lse, stats, q.new_empty((0,))
     from fastformer_kernels.attention import attention_forward
 
-    return tuple(attention_forward(*arguments))
+    return tuple(attention_forward(*arguments, keep_residual))
 
 
 def _output_like(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -94,13 +99,25 @@ def _output_like(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.empty_permuted(shape, (*order, 3), dtype=like.dtype, device=like.device)
 
 
-@attention_fwd.register_fake
-def _fake_fwd(q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right):
+def _fake_cpu_fwd(
+    q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right
+):
     batch, heads, length, _ = q.shape
     out = _output_like(q, (batch, heads, length, v.shape[-1]))
     statistics = _statistics_dtype(q)
     lse = q.new_empty((batch, heads, length), dtype=statistics)
     return out, lse, q.new_empty((batch, heads, length, 2), dtype=statistics)
+
+
+@attention_fwd.register_fake
+def _fake_fwd(
+    q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right, keep_residual
+):
+    out, lse, stats = _fake_cpu_fwd(
+        q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right
+    )
+    has_residual = keep_residual and q.dtype in _HALF_DTYPES and not _runs_cpp(q)
+    return out, lse, stats, q.new_empty(out.shape if has_residual else (0,))
 
 
 @torch.library.custom_op("fastformer::attention_bwd", mutates_args=())
@@ -119,15 +136,16 @@ def attention_bwd(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
+    out_residual: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_q, grad_k, grad_v) of attention_fwd."""
+    """(grad_q, grad_k, grad_v) of attention_fwd, given its out_residual."""
     arguments = (grad_out, q, k, v, out, stats, grad_lse, mask, seed, scale, dropout_p)
     band = (diagonal_offset, window_left, window_right)
     if _runs_cpp(q):
         return tuple(torch.ops.fastformer.cpu_attention_bwd(*arguments, *band))
     from fastformer_kernels.attention_backward import attention_backward
 
-    return tuple(attention_backward(*arguments, *band))
+    return tuple(attention_backward(*arguments, *band, out_residual))
 
 
 @attention_bwd.register_fake
@@ -146,25 +164,30 @@ def _fake_bwd(
     diagonal_offset,
     window_left,
     window_right,
+    out_residual=None,
 ):
     return tuple(_output_like(t, tuple(t.shape)) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, seed, *band = inputs
-    out, _lse, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(q, k, v, out, stats, mask, seed)
+    q, k, v, mask, seed, *band, _keep_residual = inputs
+    out, _lse, stats, out_residual = output
+    ctx.mark_non_differentiable(stats, out_residual)
+    # Unused outputs get no zero-filled gradients (out_residual is as large as out).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, out, stats, mask, seed, out_residual)
     ctx.band = band  # scale, dropout_p, diagonal_offset, window_left, window_right
 
 
-def _backward(ctx, grad_out, grad_lse, _grad_stats):
-    q, k, v, out, stats, mask, seed = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, _grad_stats, _grad_residual):
+    q, k, v, out, stats, mask, seed, out_residual = ctx.saved_tensors
+    if grad_out is None:  # only the lse was used
+        grad_out = torch.zeros_like(out)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     grad_q, grad_k, grad_v = attention_bwd(
-        grad_out, q, k, v, out, stats, grad_lse, mask, seed, *ctx.band
+        grad_out, q, k, v, out, stats, grad_lse, mask, seed, *ctx.band, out_residual
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -172,7 +195,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 if _extension.available:
     # The C++ CPU kernels are ops of their own (csrc/ops.cpp), called by attention_fwd / _bwd
     # and directly for calls without gradients (_attend): the same fake kernels.
-    torch.library.register_fake("fastformer::cpu_attention_fwd")(_fake_fwd)
+    torch.library.register_fake("fastformer::cpu_attention_fwd")(_fake_cpu_fwd)
     torch.library.register_fake("fastformer::cpu_attention_bwd")(_fake_bwd)
 
 _no_double_backward, _no_context = _checks.no_double_backward("scaled_dot_product_attention")
@@ -246,12 +269,13 @@ def _attend(
         window_left,
         window_right,
     )
-    forward = attention_fwd
-    if cpp and not _records_autograd(q, k, v) and not torch.compiler.is_compiling():
+    records_autograd = _records_autograd(q, k, v)
+    if cpp and not records_autograd and not torch.compiler.is_compiling():
         # Nothing for autograd to record: the C++ kernel without the custom op's Python
         # dispatch, about 12 us a call (a third of a small inference call's overhead).
-        forward = torch.ops.fastformer.cpu_attention_fwd
-    out, lse, _stats = forward(*arguments)
+        out, lse, _stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
+    else:
+        out, lse, _stats, _residual = attention_fwd(*arguments, records_autograd)
     return out.to(dtype), lse
 
 
