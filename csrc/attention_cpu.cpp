@@ -239,6 +239,16 @@ Tensor empty_in_layout_of(const Tensor& like, std::array<int64_t, 4> sizes, at::
   return physical.permute(logical);
 }
 
+// Sets rows [begin, end) of head (b, h) of t, each `cols` wide, to zero.
+template <typename T>
+void zero_rows(const Heads<T>& t, int64_t b, int64_t h, int64_t begin, int64_t end,
+               int64_t cols) {
+  for (int64_t row = begin; row < end; ++row) {
+    T* data = t.at(b, h, row);
+    std::fill(data, data + cols, T(0));
+  }
+}
+
 // Tile shapes: query rows and keys of a forward tile, of a backward tile.
 struct TileShape {
   int64_t m_fwd, n_fwd, m_bwd, n_bwd;
@@ -558,9 +568,10 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
   TORCH_CHECK(!has_grad_lse || grad_lse->sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), kBwd,
               ": grad_lse must be (B, Hq, L), got ", grad_lse->sizes());
   const Tensor grad_lse_c = has_grad_lse ? grad_lse->to(dtype).contiguous() : Tensor();
-  Tensor grad_q = empty_in_layout_of(q, {p.B, p.Hq, p.L, p.D}, dtype).zero_();
-  Tensor grad_k = empty_in_layout_of(k, {p.B, p.Hkv, p.S, p.D}, dtype).zero_();
-  Tensor grad_v = empty_in_layout_of(v, {p.B, p.Hkv, p.S, p.DV}, dtype).zero_();
+  // Zeroed by the tasks that accumulate into them (in parallel, and warm in their caches).
+  Tensor grad_q = empty_in_layout_of(q, {p.B, p.Hq, p.L, p.D}, dtype);
+  Tensor grad_k = empty_in_layout_of(k, {p.B, p.Hkv, p.S, p.D}, dtype);
+  Tensor grad_v = empty_in_layout_of(v, {p.B, p.Hkv, p.S, p.DV}, dtype);
 
   // Tasks: (batch, kv head, part of its key blocks). Parts > 1 only when there are fewer
   // (batch, kv head) pairs than threads; part > 0 writes dQ into its own buffer.
@@ -570,7 +581,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
   const int64_t threads = at::get_num_threads();
   const int64_t parts_wanted = pairs >= threads ? 1 : (threads + pairs - 1) / pairs;
   const int64_t parts = std::max<int64_t>(1, std::min(key_blocks, parts_wanted));
-  Tensor grad_q_parts = parts > 1 ? at::zeros({parts - 1, p.B, p.Hq, p.L, p.D}, q.options())
+  Tensor grad_q_parts = parts > 1 ? at::empty({parts - 1, p.B, p.Hq, p.L, p.D}, q.options())
                                   : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, kBwd, [&] {
     using T = scalar_t;
@@ -600,6 +611,15 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
         }
         const int64_t first_block = part * key_blocks / parts;
         const int64_t end_block = (part + 1) * key_blocks / parts;
+        // This task's share of the outputs: its part's dQ rows of the group's query heads,
+        // and dK, dV of its key blocks.
+        for (int64_t h = kv_h * p.group; h < (kv_h + 1) * p.group; ++h) {
+          zero_rows(dq_parts[part], b, h, 0, p.L, p.D);
+        }
+        const int64_t key_begin = first_block * block_n;
+        const int64_t key_end = std::min(p.S, end_block * block_n);
+        zero_rows(dkh, b, kv_h, key_begin, key_end, p.D);
+        zero_rows(dvh, b, kv_h, key_begin, key_end, p.DV);
         for (int64_t kb = first_block; kb < end_block; ++kb) {
           const int64_t j0 = kb * block_n, n = std::min(block_n, p.S - j0);
           const int64_t row_begin = p.band.first_row(j0), row_end = p.band.end_row(j0 + n);
