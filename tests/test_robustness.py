@@ -522,9 +522,11 @@ def test_attention_launchers_grid_over_65535_heads(monkeypatch):
         monkeypatch.setattr(module, name, recorders[name])
     q = torch.zeros(1, 1, 1, dim).expand(batch, heads, length, dim)
     kv = torch.zeros(1, 1, 1, dim).expand(batch, heads, source, dim)
-    out, _lse, stats = attention.attention_forward(q, kv, kv, None, None, 0.25, 0.0, 0, -1, -1)
+    out, _lse, stats, residual = attention.attention_forward(
+        q, kv, kv, None, None, 0.25, 0.0, 0, -1, -1, False
+    )
     attention_backward.attention_backward(
-        out, q, kv, kv, out, stats, None, None, None, 0.25, 0.0, 0, -1, -1
+        out, q, kv, kv, out, stats, None, None, None, 0.25, 0.0, 0, -1, -1, residual
     )
     blocks = {
         "_attention_fwd_kernel": math.ceil(length / 16),
