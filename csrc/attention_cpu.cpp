@@ -26,6 +26,8 @@
 // dims, Dv may differ from D; any strides (tensors BLAS cannot read in place, broadcast rows
 // or a non-unit last stride, are copied: blas_matrices); int64 offsets throughout
 // (BLAS takes 32-bit sizes: larger tiles or strides go through at::addmm_out instead).
+// Outputs: out and dQ laid out in memory as q, dK as k, dV as v (empty_in_layout_of), each
+// task zeroing the rows it accumulates into.
 #include "cpu_allocation.h"
 #include "cpu_blas.h"
 #include "cpu_vec.h"

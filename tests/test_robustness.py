@@ -49,6 +49,7 @@ from tests.hardening import (
     randn,
     requires_interpreter,
 )
+from tests.test_attention import _grads as attention_results
 from tests.test_feed_forward import _CUDA_READY as FEED_FORWARD_CUDA_READY
 from tests.test_feed_forward import _inputs as feed_forward_inputs
 from tests.test_feed_forward import _run as feed_forward_results
@@ -401,7 +402,7 @@ def test_feed_forward_impossible_allocation_raises_then_recovers(
 LARGE = os.environ.get("FASTFORMER_TEST_LARGE") == "1"
 requires_large = pytest.mark.skipif(
     not LARGE,
-    reason="tensors over 2^31 elements need ~13 GiB of RAM and ~40 s each: "
+    reason="tensors over 2^31 elements need 13 to 18 GiB of RAM and ~40 s each: "
     "set FASTFORMER_TEST_LARGE=1",
 )
 ELEMENTS_2_31 = 2**31
@@ -480,6 +481,54 @@ def test_feed_forward_over_2_31_elements(use_implementation, device, impl):
     ref64 = feed_forward_results(reference.feed_forward, float64(rows), grad_out)
     assert_close_to_reference("out", out_rows, same["out"], ref64["out"], 1e-2)
     assert_close_to_reference("grad_x", x.grad[sample].cpu(), same["grad_x"], ref64["grad_x"], 1e-2)
+
+
+@requires_large
+@pytest.mark.parametrize("device, impl", [CPU, CUDA])
+def test_attention_over_2_31_elements(use_implementation, device, impl):
+    """out and grad_q of 2049 x 16 x 1024 x 64: 2^31 + 2^20 elements (float32 on CPU, 8 GiB
+    each; bfloat16 on CUDA), from q, k, v and grad_out broadcast over the batch (stride 0).
+    Through the ops themselves, since autograd would sum grad_q over the broadcast batch:
+    the first, a middle and the last batch (past 2^31) against the reference of one batch."""
+    use_implementation(device, impl)
+    batch, heads, length, source, dim = 2049, 16, 1024, 16, 64
+    assert batch * heads * length * dim > ELEMENTS_2_31
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    one = attention_inputs(device, dtype, shape=(1, heads, length, source, dim), seed=32)
+    q, k, v = (one[name].expand(batch, -1, -1, -1) for name in ("q", "k", "v"))
+    grad_row = randn(1, heads, length, dim, device=device, dtype=dtype, seed=33)
+    scale, band = dim**-0.5, (0, -1, -1)  # band: every key visible
+    out, _lse, stats, residual = torch.ops.fastformer.attention_fwd(
+        q, k, v, None, None, scale, 0.0, *band, True
+    )
+    grads = torch.ops.fastformer.attention_bwd(
+        grad_row.expand(batch, -1, -1, -1),
+        q,
+        k,
+        v,
+        out,
+        stats,
+        None,
+        None,
+        None,
+        scale,
+        0.0,
+        *band,
+        residual,
+    )
+    cpu_one = {name: t.cpu() for name, t in one.items()}
+    same = attention_results(reference.scaled_dot_product_attention, cpu_one, grad_row.cpu())
+    ref64 = attention_results(
+        reference.scaled_dot_product_attention, float64(cpu_one), grad_row.cpu()
+    )
+    atol = FP32_ATOL if dtype == torch.float32 else 1e-2
+    for b in (0, batch // 2, batch - 1):
+        fast = {
+            "out": out[b : b + 1],
+            **dict(zip(("grad_q", "grad_k", "grad_v"), (g[b : b + 1] for g in grads), strict=True)),
+        }
+        for name, value in fast.items():
+            assert_close_to_reference(name, value.cpu(), same[name], ref64[name], atol)
 
 
 @pytest.mark.parametrize("device, impl", [CPU, CUDA])
