@@ -78,6 +78,11 @@ def test_triton_lse_gradient() -> None:
         grads.append(grad)
     assert grads[0].abs().max() > 0  # the log-sum-exp does depend on q
     torch.testing.assert_close(grads[1], grads[0])
+    # out unused: the backward gets no gradient for it, and the lse's alone is right.
+    q64 = q.double().transpose(1, 2).requires_grad_()
+    scores = q64 @ k.double().permute(0, 2, 3, 1) / 16**0.5
+    (expected,) = torch.autograd.grad(torch.logsumexp(scores, dim=-1).sum(), q64)
+    torch.testing.assert_close(grads[0].double(), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_sdpa_gqa_zero_heads() -> None:

@@ -117,6 +117,30 @@ def test_large_hidden(use_implementation, device, impl, dtype, atol, rows, hidde
 
 @requires_extension
 @pytest.mark.parametrize("device, impl, dtype, atol", implementation_cases())
+@pytest.mark.parametrize("used", ["out", "h"])
+def test_gradients_through_one_output(use_implementation, device, impl, dtype, atol, used):
+    """Backward from out alone or from h alone: the op gets no gradient for the other (not
+    a zero-filled one) and must give the reference's gradients, whose cotangent for the
+    unused output is zero."""
+    use_implementation(device, impl)
+    tensors = _inputs((13, 40), dtype, device, Flags())
+    generator = torch.Generator().manual_seed(4)
+    cotangent = torch.randn(13, 40, generator=generator).to(device)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+    outputs = dict(zip(("out", "h"), fastformer.layer_norm_residual(*leaves.values()), strict=True))
+    outputs[used].backward(cotangent.to(outputs[used].dtype))
+    fast = {"out": outputs["out"].detach(), "h": outputs["h"].detach()}
+    fast.update({f"grad_{name}": leaf.grad for name, leaf in leaves.items()})
+    grads = {n: cotangent if n == used else torch.zeros_like(cotangent) for n in ("out", "h")}
+    same = _run(reference.layer_norm_residual, tensors, grads)
+    as64 = {k: v.double() for k, v in tensors.items()}
+    assert_all_close_to_reference(
+        fast, same, _run(reference.layer_norm_residual, as64, grads), atol
+    )
+
+
+@requires_extension
+@pytest.mark.parametrize("device, impl, dtype, atol", implementation_cases())
 def test_non_contiguous_inputs(use_implementation, device, impl, dtype, atol):
     use_implementation(device, impl)
     generator = torch.Generator().manual_seed(3)

@@ -49,9 +49,11 @@ def _fake_bwd(grad_out, x, w1, b1, w2, preact, activation, dropout_p, seed, has_
 def _setup_context(ctx, inputs, output) -> None:
     x, w1, b1, w2, b2, activation, dropout_p, seed, save_preact = inputs
     _out, preact = output
-    # preact is saved for backward, never a result to differentiate: without this, autograd
-    # would fill an (M, hidden) buffer with zeros for its gradient at every backward.
+    # preact is saved for backward, never a result to differentiate; without
+    # set_materialize_grads(False) autograd would still fill an (M, hidden) buffer with zeros
+    # for its gradient at every backward.
     ctx.mark_non_differentiable(preact)
+    ctx.set_materialize_grads(False)
     # Backward needs x and the pre-activation (or recomputes it from x, w1, b1): never the
     # hidden activation or a dropout mask.
     ctx.save_for_backward(x, w1, b1, w2, preact if save_preact else None, seed)
@@ -62,6 +64,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_preact):
     x, w1, b1, w2, preact, seed = ctx.saved_tensors
+    if grad_out is None:  # not materialized (_setup_context); gradcheck asks for this case
+        grad_out = x.new_zeros((x.shape[0], w2.shape[0]))
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.fastformer.feed_forward_bwd(
         grad_out.contiguous(),
         x,

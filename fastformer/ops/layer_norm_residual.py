@@ -85,7 +85,10 @@ def _fake_bwd(
 def _setup_context(ctx, inputs, output) -> None:
     x, residual, weight, bias, seed, _eps, dropout_p, rms_norm, _h_dtype, store_h = inputs
     _out, h, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)  # saved statistics: no zero-filled gradients
+    # Saved statistics, not results to differentiate; unused outputs (mean, rstd, often h)
+    # get None instead of zero-filled gradients.
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     # The normalized input is h, or x itself when h was not written (h equals x).
     ctx.save_for_backward(h if store_h else x, weight, mean, rstd, seed)
     ctx.store_h = store_h
@@ -103,6 +106,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_h, _grad_mean, _grad_rstd):
     normalized, weight, mean, rstd, seed = ctx.saved_tensors
+    if grad_out is None:  # only h was used (gradients are not materialized: _setup_context)
+        grad_out = torch.zeros(normalized.shape, dtype=ctx.x_dtype, device=normalized.device)
     # Incoming gradients may be expanded (stride 0); the kernels need unit column stride.
     features = normalized.shape[-1]
     grad_out = _checks.as_rows(grad_out, features)
