@@ -37,10 +37,12 @@ HugePageCPUAllocator& HugePageCPUAllocator::instance() {
 }
 
 c10::DataPtr HugePageCPUAllocator::allocate(size_t nbytes) {
-  if (nbytes < kHugePage) {
+  if (nbytes < kMinCached) {
     return c10::GetDefaultCPUAllocator()->allocate(nbytes);
   }
-  const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+  const bool huge = nbytes >= kHugePage;
+  const size_t unit = huge ? kHugePage : kSmallUnit;
+  const size_t rounded = (nbytes + unit - 1) / unit * unit;
   void* ptr = nullptr;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -55,9 +57,12 @@ c10::DataPtr HugePageCPUAllocator::allocate(size_t nbytes) {
     }
   }
   if (ptr == nullptr) {
-    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&ptr, kHugePage, rounded) == 0,
+    const size_t alignment = huge ? kHugePage : size_t{4096};
+    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&ptr, alignment, rounded) == 0,
                      "fastformer: out of CPU memory allocating ", nbytes, " bytes");
-    madvise(ptr, rounded, MADV_HUGEPAGE);
+    if (huge) {
+      madvise(ptr, rounded, MADV_HUGEPAGE);
+    }
   }
   return {ptr, new Block{ptr, rounded}, &release, c10::Device(c10::DeviceType::CPU)};
 }

@@ -16,7 +16,10 @@
 //    of page faults. Like torch's CUDA caching allocator, the cache holds memory after the
 //    tensors are freed: at most FASTFORMER_CPU_CACHE_MIB MiB (default 1024; 0 disables it),
 //    released by fastformer.empty_cpu_cache().
-// Smaller requests go to torch's default CPU allocator. The memory comes from a
+// Blocks from 256 KiB to 2 MiB (a layer norm's output at 1024 tokens x 256 features) are
+// cached the same way, rounded to 64 KiB, without huge pages: in a Transformer training step
+// on 2 CPU cores this made the step 2% faster. Smaller requests go to torch's default CPU
+// allocator. The memory comes from a
 // c10::Allocator rather than at::from_blob so that the tensors are ordinary CPU tensors with
 // resizable storage (autograd, in-place ops, resize_, pickling all work).
 #pragma once
@@ -35,6 +38,8 @@ namespace fastformer {
 class HugePageCPUAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHugePage = size_t{2} << 20;
+  static constexpr size_t kMinCached = size_t{256} << 10;  // smaller: torch's allocator
+  static constexpr size_t kSmallUnit = size_t{64} << 10;  // rounding below kHugePage
 
   struct Stats {
     int64_t cached_bytes;  // held in the cache, free for reuse

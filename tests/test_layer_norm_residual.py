@@ -475,6 +475,26 @@ def test_unsupported_case_falls_back_visibly(use_implementation):
 
 
 @requires_extension
+@pytest.mark.parametrize(
+    "rows, cached",
+    [(1024, True), (256, True), (16, False)],
+    ids=["4MiB-huge-pages", "1MiB", "64KiB-torch-allocator"],
+)
+def test_cpu_outputs_from_the_cache_by_size(rows, cached):
+    """Outputs of 256 KiB and more come from fastformer's cache (huge pages from 2 MiB),
+    smaller ones from torch's allocator; either way they hold the results."""
+    x = torch.randn(rows, 1024)
+    fastformer.empty_cpu_cache()
+    out, h = fastformer.layer_norm_residual(x, x)
+    del out, h
+    before = fastformer.info()["cpu_output_cache"]["reuses"]
+    _out, h = fastformer.layer_norm_residual(x, x)
+    assert fastformer.info()["cpu_output_cache"]["reuses"] == before + (2 if cached else 0)
+    torch.testing.assert_close(h, x + x)
+    fastformer.empty_cpu_cache()
+
+
+@requires_extension
 def test_cpu_outputs_reuse_freed_blocks_and_empty_releases_them():
     def stats():
         return fastformer.info()["cpu_output_cache"]
