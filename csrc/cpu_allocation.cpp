@@ -48,8 +48,10 @@ c10::DataPtr HugePageCPUAllocator::allocate(size_t nbytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = free_blocks_.find(rounded);
     if (found != free_blocks_.end() && !found->second.empty()) {
-      ptr = found->second.back();
+      const Lru::iterator entry = found->second.back();  // the most recently freed
       found->second.pop_back();
+      ptr = entry->second;
+      lru_.erase(entry);
       cached_bytes_ -= rounded;
       ++reuses_;
     } else {
@@ -75,38 +77,48 @@ void HugePageCPUAllocator::recycle(Block* block) {
   void* ptr = block->ptr;
   const size_t bytes = block->bytes;
   delete block;
+  std::vector<void*> evicted;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (cached_bytes_ + bytes <= limit_bytes_) {
-      free_blocks_[bytes].push_back(ptr);
+    if (bytes <= limit_bytes_) {
+      while (cached_bytes_ + bytes > limit_bytes_) {
+        // The least recently freed block is the first of its size's entries.
+        const auto [old_bytes, old_ptr] = lru_.front();
+        auto& same_size = free_blocks_[old_bytes];
+        same_size.erase(same_size.begin());
+        lru_.pop_front();
+        cached_bytes_ -= old_bytes;
+        evicted.push_back(old_ptr);
+      }
+      lru_.emplace_back(bytes, ptr);
+      free_blocks_[bytes].push_back(std::prev(lru_.end()));
       cached_bytes_ += bytes;
-      return;
+      ptr = nullptr;
     }
   }
-  std::free(ptr);
+  for (void* old_ptr : evicted) {
+    std::free(old_ptr);
+  }
+  std::free(ptr);  // a block larger than the whole cache (free(nullptr) does nothing)
 }
 
 HugePageCPUAllocator::Stats HugePageCPUAllocator::stats() {
   std::lock_guard<std::mutex> lock(mutex_);
-  int64_t blocks = 0;
-  for (const auto& entry : free_blocks_) {
-    blocks += static_cast<int64_t>(entry.second.size());
-  }
+  const auto blocks = static_cast<int64_t>(lru_.size());
   return {static_cast<int64_t>(cached_bytes_), blocks, static_cast<int64_t>(limit_bytes_),
           reuses_, fresh_};
 }
 
 void HugePageCPUAllocator::empty_cache() {
-  std::unordered_map<size_t, std::vector<void*>> blocks;
+  Lru blocks;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    blocks.swap(free_blocks_);
+    blocks.swap(lru_);
+    free_blocks_.clear();
     cached_bytes_ = 0;
   }
   for (const auto& entry : blocks) {
-    for (void* ptr : entry.second) {
-      std::free(ptr);
-    }
+    std::free(entry.second);
   }
 }
 

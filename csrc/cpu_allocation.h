@@ -11,8 +11,8 @@
 //  - blocks of 2 MiB and more are 2 MiB-aligned, rounded to whole huge pages and marked
 //    madvise(MADV_HUGEPAGE), so a first touch takes 512x fewer faults (THP "madvise" mode,
 //    the usual default; where huge pages are unavailable madvise fails harmlessly);
-//  - freed blocks are kept, up to a bound, and handed out again for the same rounded size,
-//    already mapped: in a training or inference loop every output after the first is free
+//  - freed blocks are kept, up to a bound (beyond it the least recently freed go first),
+//    and handed out again for the same rounded size, already mapped: in a training or inference loop every output after the first is free
 //    of page faults. Like torch's CUDA caching allocator, the cache holds memory after the
 //    tensors are freed: at most FASTFORMER_CPU_CACHE_MIB MiB (default 1024; 0 disables it),
 //    released by fastformer.empty_cpu_cache().
@@ -28,6 +28,7 @@
 #include <c10/core/Allocator.h>
 
 #include <cstddef>
+#include <list>
 #include <cstdint>
 #include <mutex>
 #include <unordered_map>
@@ -69,8 +70,15 @@ class HugePageCPUAllocator final : public c10::Allocator {
   static void release(void* block);  // the DataPtr deleter; its context is a Block*
   void recycle(Block* block);
 
+  // Cached blocks, least recently freed first; when a freed block does not fit under the
+  // bound, the oldest go, so blocks of sizes a program no longer uses never crowd out the
+  // ones it does.
+  using Lru = std::list<std::pair<size_t, void*>>;  // (rounded bytes, block)
+
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_blocks_;  // rounded bytes -> blocks
+  Lru lru_;
+  // rounded bytes -> that size's entries of lru_, least recently freed first
+  std::unordered_map<size_t, std::vector<Lru::iterator>> free_blocks_;
   size_t cached_bytes_ = 0;
   const size_t limit_bytes_;
   int64_t reuses_ = 0;

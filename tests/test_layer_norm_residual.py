@@ -4,6 +4,9 @@ this machine runs (C++ CPU; Triton through the interpreter on CPU, natively on a
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -492,6 +495,35 @@ def test_cpu_outputs_from_the_cache_by_size(rows, cached):
     assert fastformer.info()["cpu_output_cache"]["reuses"] == before + (2 if cached else 0)
     torch.testing.assert_close(h, x + x)
     fastformer.empty_cpu_cache()
+
+
+_CACHE_BOUND_SCRIPT = """
+import torch, fastformer
+def run(rows):
+    out, h = fastformer.layer_norm_residual(torch.ones(rows, 1024), torch.ones(rows, 1024))
+    del out, h
+    stats = fastformer.info()["cpu_output_cache"]
+    assert stats["cached_mib"] <= 8, stats
+    return stats
+run(512)  # two 2 MiB outputs: 4 MiB cached
+before = run(1024)["reuses"]  # two 4 MiB outputs: the 2 MiB blocks make room for both
+assert run(1024)["reuses"] == before + 2, "the 4 MiB blocks were not both cached"
+print("ok")
+"""
+
+
+@requires_extension
+def test_cpu_cache_bound_evicts_the_least_recently_freed():
+    """Under FASTFORMER_CPU_CACHE_MIB=8, outputs of a new size take the place of cached
+    blocks of an older one (a fresh process: the bound is read once)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CACHE_BOUND_SCRIPT],
+        env={**os.environ, "FASTFORMER_CPU_CACHE_MIB": "8"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 @requires_extension
