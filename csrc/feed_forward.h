@@ -5,6 +5,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -63,5 +64,9 @@ decltype(auto) dispatch_activation(ActivationKind kind, const F& f) {
   }
   TORCH_CHECK(false, "feed_forward: unknown activation kind");
 }
+
+// The library running the CPU feed-forward's float32/bfloat16 GEMMs of the form x @ W.T:
+// "onednn" or "mkl" (FASTFORMER_CPU_GEMM, else by the CPU's maker; feed_forward_cpu.cpp).
+std::string cpu_gemm_library();
 
 }  // namespace fastformer

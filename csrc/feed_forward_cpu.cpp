@@ -37,6 +37,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -446,6 +447,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> feed_forward_bwd_cpu(
 }
 
 }  // namespace
+
+std::string cpu_gemm_library() {
+  return prefer_onednn() && onednn_linear_op().has_value() ? "onednn" : "mkl";
+}
 
 TORCH_LIBRARY_IMPL(fastformer, CPU, m) {
   m.impl("feed_forward_fwd", &feed_forward_fwd_cpu);

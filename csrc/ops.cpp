@@ -4,6 +4,7 @@
 // <op>_cpu.cpp); the CUDA kernels of the Triton ops are registered from Python
 // (fastformer/ops/<op>.py), as are the fake kernels and autograd formulas.
 #include "cpu_allocation.h"
+#include "feed_forward.h"
 
 #include <Python.h>
 #include <torch/library.h>
@@ -76,6 +77,8 @@ TORCH_LIBRARY(fastformer, m) {
   // [cached_bytes, cached_blocks, limit_bytes, reuses, fresh], and a call that empties it.
   m.def("cpu_cache_stats() -> int[]", &fastformer::cpu_cache_stats);
   m.def("empty_cpu_cache() -> ()", &fastformer::empty_cpu_cache);
+  // The library of the CPU feed-forward's x @ W.T GEMMs: "onednn" or "mkl".
+  m.def("cpu_gemm_library() -> str", &fastformer::cpu_gemm_library);
 }
 
 // The extension is a Python module only so that `import fastformer._C` loads the library

@@ -52,6 +52,8 @@ def _print_info(as_json: bool) -> None:
             f"CPU output cache: {cache['cached_mib']:.0f} of {cache['limit_mib']:.0f} MiB held, "
             f"{cache['reuses']} reuses, {cache['fresh_allocations']} fresh"
         )
+    if report["cpu_gemm"] is not None:
+        console.print(f"CPU feed-forward GEMMs (x @ W.T): {report['cpu_gemm']}")
     if report["fallback_calls"]:
         console.print(f"calls that fell back to PyTorch: {report['fallback_calls']}")
 

@@ -198,6 +198,17 @@ def _cpu_cache_info() -> dict | None:
     }
 
 
+def _cpu_gemm() -> str | None:
+    """The library of the CPU feed-forward's x @ W.T GEMMs ("mkl" or "onednn"), or what is
+    wrong with FASTFORMER_CPU_GEMM."""
+    if not _extension.available:
+        return None
+    try:
+        return torch.ops.fastformer.cpu_gemm_library()
+    except RuntimeError as error:
+        return f"error: {str(error).splitlines()[0]}"
+
+
 def _device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()}"
@@ -240,6 +251,7 @@ def info() -> dict:
         },
         "fallback_calls": dict(fallback_counts),
         "cpu_output_cache": _cpu_cache_info(),
+        "cpu_gemm": _cpu_gemm(),
     }
 
 

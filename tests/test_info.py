@@ -82,3 +82,18 @@ def test_cpu_backend_chosen_by_environment():
 
     unknown = _python("import fastformer", FASTFORMER_CPU_BACKEND="gpu")
     assert "FASTFORMER_CPU_BACKEND must be 'cpp' or 'triton'" in unknown.stderr
+
+
+@requires_extension
+def test_info_names_the_cpu_gemm_library():
+    """FASTFORMER_CPU_GEMM or, unset, the CPU's maker picks it; a bad value is reported, not
+    raised (the feed-forward itself raises on it)."""
+    code = "import fastformer; print(fastformer.info()['cpu_gemm'])"
+    assert _python(code).stdout.strip() in ("mkl", "onednn")
+    assert _python(code, FASTFORMER_CPU_GEMM="mkl").stdout.strip() == "mkl"
+    onednn = "onednn" if torch.backends.mkldnn.is_available() else "mkl"  # else unavailable
+    assert _python(code, FASTFORMER_CPU_GEMM="onednn").stdout.strip() == onednn
+    reported = _python(code, FASTFORMER_CPU_GEMM="blis").stdout.strip()
+    assert reported.startswith("error:") and "FASTFORMER_CPU_GEMM" in reported
+    table = _python("import sys; from fastformer.__main__ import main; main(['info'])")
+    assert "CPU feed-forward GEMMs (x @ W.T):" in table.stdout
