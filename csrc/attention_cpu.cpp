@@ -628,8 +628,9 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
           for (int64_t h = kv_h * p.group; h < (kv_h + 1) * p.group; ++h) {
             for (int64_t i0 = row_begin; i0 < row_end; i0 += block_m) {
               const T* delta_rows = delta.data() + (h - kv_h * p.group) * p.L + i0;
-              backward_tile<T>(p, qh, kh, vh, doh, stats_data, delta_rows, dq_parts[part], dkh, dvh, b, h, i0,
-                               std::min(block_m, row_end - i0), j0, n, tiles);
+              backward_tile<T>(p, qh, kh, vh, doh, stats_data, delta_rows, dq_parts[part],
+                               dkh, dvh, b, h, i0, std::min(block_m, row_end - i0), j0, n,
+                               tiles);
             }
           }
         }

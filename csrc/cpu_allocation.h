@@ -12,16 +12,17 @@
 //    madvise(MADV_HUGEPAGE), so a first touch takes 512x fewer faults (THP "madvise" mode,
 //    the usual default; where huge pages are unavailable madvise fails harmlessly);
 //  - freed blocks are kept, up to a bound (beyond it the least recently freed go first),
-//    and handed out again for the same rounded size, already mapped: in a training or inference loop every output after the first is free
-//    of page faults. Like torch's CUDA caching allocator, the cache holds memory after the
-//    tensors are freed: at most FASTFORMER_CPU_CACHE_MIB MiB (default 1024; 0 disables it),
-//    released by fastformer.empty_cpu_cache().
+//    and handed out again for the same rounded size, already mapped: in a training or
+//    inference loop every output after the first is free of page faults. Like torch's CUDA
+//    caching allocator, the cache holds memory after the tensors are freed: at most
+//    FASTFORMER_CPU_CACHE_MIB MiB (default 1024; 0 disables it), released by
+//    fastformer.empty_cpu_cache().
 // Blocks from 256 KiB to 2 MiB (a layer norm's output at 1024 tokens x 256 features) are
 // cached the same way, rounded to 64 KiB, without huge pages: in a Transformer training step
 // on 2 CPU cores this made the step 2% faster. Smaller requests go to torch's default CPU
-// allocator. The memory comes from a
-// c10::Allocator rather than at::from_blob so that the tensors are ordinary CPU tensors with
-// resizable storage (autograd, in-place ops, resize_, pickling all work).
+// allocator. The memory comes from a c10::Allocator rather than at::from_blob so that the
+// tensors are ordinary CPU tensors with resizable storage (autograd, in-place ops, resize_,
+// pickling all work).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -19,10 +19,10 @@ using at::vec::Vectorized;
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers, forced inline (called out of line, they would pass vectors through memory).
-// One step covers two native acc_t vectors: 16 floats with AVX2, 32 with AVX-512 (one bf16/half
-// vector, so reduced types convert without shuffles), or half as many doubles. A step of n < size() elements is the row's tail:
-// loads leave the other lanes unspecified, stores write n elements, and reductions go through
-// masked().
+// One step covers two native acc_t vectors: 16 floats with AVX2, 32 with AVX-512 (one
+// bf16/half vector, so reduced types convert without shuffles), or half as many doubles. A
+// step of n < size() elements is the row's tail: loads leave the other lanes unspecified,
+// stores write n elements, and reductions go through masked().
 
 template <typename acc_t>
 using Vec = at::vec::VectorizedN<acc_t, 2>;

@@ -59,8 +59,9 @@ TORCH_LIBRARY(fastformer, m) {
   // true, float is added to the scores). Key j is visible to query i iff
   //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
   // (a negative side is unbounded). Returns out (B, Hq, L, Dv), lse (B, Hq, L) and stats
-  // (B, Hq, L, 2) = (row max, log2 row sum) of the base-2 scores, all in q's dtype; a row
-  // that sees no key gives zeros and lse -inf. Dropout as in feed_forward_fwd, drawn at
+  // (B, Hq, L, 2) = (row max, log2 row sum) of the base-2 scores, all in q's dtype (out laid
+  // out in memory as q is; the backward's grad_q, grad_k, grad_v as q, k, v); a row that
+  // sees no key gives zeros and lse -inf. Dropout as in feed_forward_fwd, drawn at
   // offset ((b * Hq + h) * L + i) * S + j.
   m.def(
       "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, float scale, "

@@ -164,7 +164,7 @@ def _fake_bwd(
     diagonal_offset,
     window_left,
     window_right,
-    out_residual=None,
+    out_residual=None,  # attention_bwd's last argument; cpu_attention_bwd has none
 ):
     return tuple(_output_like(t, tuple(t.shape)) for t in (q, k, v))
 
