@@ -59,8 +59,11 @@ FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 # ----------------------------------------------------------------------------------------
 # Tile shapes: (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages, widest head dim),
-# the widest head dim (fp32 counts four times) for which the tile stays within Hopper's
-# registers and shared memory. Autotuning picks among the tiles that fit a call.
+# the widest head dim (fp32 counts four times) a tile is tried at. Every tile fits Hopper's
+# shared memory there; some spill registers at their widest or with masks and dropout
+# (tools/cross_compile.py compiles them all for sm_90 without a GPU and reports registers
+# and spills: benchmarks/results/triton-compile-sm_90.json). Autotuning picks among the
+# tiles that fit a call.
 # ----------------------------------------------------------------------------------------
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
