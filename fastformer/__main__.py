@@ -34,7 +34,8 @@ def _print_info(as_json: bool) -> None:
     triton = report["triton"]
     console.print(
         f"triton: installed={triton['installed']} gpu={triton['gpu']} "
-        f"interpreter={triton['interpreter']} runs_cpu_tensors={triton['runs_cpu_tensors']}"
+        f"interpreter={triton['interpreter']} runs_cpu_tensors={triton['runs_cpu_tensors']} "
+        f"autotune={triton['autotune']}"
     )
     table = Table(title="implementation per op, device and dtype")
     table.add_column("op", no_wrap=True)

@@ -209,6 +209,19 @@ def _cpu_gemm() -> str | None:
         return f"error: {str(error).splitlines()[0]}"
 
 
+def _triton_autotune() -> bool | str | None:
+    """Whether the attention kernels autotune their tiles on a GPU (FASTFORMER_AUTOTUNE), or
+    what is wrong with the setting; None without the kernels."""
+    try:
+        from fastformer_kernels.attention import autotuning_enabled
+    except ImportError:
+        return None
+    try:
+        return autotuning_enabled()
+    except ValueError as error:
+        return f"error: {error}"
+
+
 def _device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()}"
@@ -238,6 +251,7 @@ def info() -> dict:
             "gpu": torch.cuda.is_available() and triton_version is not None,
             "interpreter": triton_interpreter_enabled(),
             "runs_cpu_tensors": cpu_runs_triton(),
+            "autotune": _triton_autotune(),
         },
         "ops": {
             op: {

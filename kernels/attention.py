@@ -82,10 +82,23 @@ _TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_
                "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
 
 
+AUTOTUNE_ENV = "FASTFORMER_AUTOTUNE"
+
+
+def autotuning_enabled() -> bool:
+    """FASTFORMER_AUTOTUNE: "1" (or unset) times every tile that fits a call and keeps the
+    fastest; "0" takes the first that fits (the largest), with no timing: quick and
+    predictable where many shapes each compile once (test suites), not the fastest."""
+    value = os.environ.get(AUTOTUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
 def _autotune(tiles: list[tuple[int, int, int, int, int]]):
     """triton.autotune over the tiles that fit each call: no longer than the sequences
-    (decoding gets 16-row tiles) and wide enough for the head dims. The interpreter runs
-    a single 16 x 16 tile."""
+    (decoding gets 16-row tiles) and wide enough for the head dims; only the first of them
+    when autotuning_enabled() is false. The interpreter runs a single 16 x 16 tile."""
     if INTERPRETING:
         return triton.autotune(
             configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)],
@@ -101,7 +114,8 @@ def _autotune(tiles: list[tuple[int, int, int, int, int]]):
         head = max(args["BLOCK_D"], args["BLOCK_DV"]) * (4 if args["Q"].element_size() == 4 else 1)
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m
                 and c.kwargs["BLOCK_N"] <= max_n and widest[id(c)] >= head]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept if autotuning_enabled() else kept[:1]
 
     return triton.autotune(configs=configs, key=_TUNING_KEY,
                            prune_configs_by={"early_config_prune": prune})

@@ -97,3 +97,33 @@ def test_info_names_the_cpu_gemm_library():
     assert reported.startswith("error:") and "FASTFORMER_CPU_GEMM" in reported
     table = _python("import sys; from fastformer.__main__ import main; main(['info'])")
     assert "CPU feed-forward GEMMs (x @ W.T):" in table.stdout
+
+
+_PRUNED_TILES = """
+import json, torch
+from fastformer_kernels.attention import _attention_fwd_kernel as kernel
+shape = dict(L_BUCKET=4096, S_BUCKET=4096, BLOCK_D=64, BLOCK_DV=64)
+q = torch.empty(1, dtype=torch.bfloat16)
+tiles = kernel.early_config_prune(kernel.configs, {"Q": q}, **shape)
+print(json.dumps([[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]] for c in tiles]))
+"""
+
+
+def test_autotune_setting_limits_the_tiles_timed():
+    """FASTFORMER_AUTOTUNE=0 leaves one tile per launch (the first that fits), so nothing is
+    timed; unset or 1 times every tile that fits. Checked on the pruning the GPU autotuner
+    runs (compiled mode: without the interpreter), and reported by info()."""
+    compiled = {"TRITON_INTERPRET": "0"}
+    every = _python(_PRUNED_TILES, **compiled)
+    assert every.returncode == 0, every.stderr
+    every_tile = json.loads(every.stdout)
+    assert len(every_tile) > 1 and every_tile[0] == [128, 128]
+    one = _python(_PRUNED_TILES, FASTFORMER_AUTOTUNE="0", **compiled)
+    assert json.loads(one.stdout) == every_tile[:1]
+    bad = _python(_PRUNED_TILES, FASTFORMER_AUTOTUNE="fast", **compiled)
+    assert bad.returncode != 0 and "FASTFORMER_AUTOTUNE must be '0' or '1'" in bad.stderr
+
+    code = "import fastformer; print(fastformer.info()['triton']['autotune'])"
+    assert _python(code).stdout.strip() == "True"
+    assert _python(code, FASTFORMER_AUTOTUNE="0").stdout.strip() == "False"
+    assert _python(code, FASTFORMER_AUTOTUNE="fast").stdout.strip().startswith("error:")

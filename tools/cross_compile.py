@@ -20,9 +20,9 @@ Exit status 1 when a check fails.
 
 The cases (--set): "ci" covers each kernel's code paths once (bf16 head dims 40, 64, 128,
 256; masks, causal, dropout, the half-precision residual; fp16; fp32's IEEE products) at a
-long sequence, where every tile is a candidate; "full" crosses every dtype with every
-supported head dim and variant (windows too), a value head dim that differs, and decoding
-(L = 1).
+long sequence, where every tile is a candidate; "full" crosses bf16 with every supported
+head dim and variant (windows too), a value head dim that differs and decoding (L = 1), and
+adds fp16 at every head dim and fp32 at 64, 128 and 256.
 """
 
 from __future__ import annotations
@@ -328,14 +328,19 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
             layer_norm(dtype_name, 1000, False, False)
             layer_norm(dtype_name, 65536, True, True)
         return found
+    # bf16 in full; fp16 differs from it only by the dtype, so its plain variant per head
+    # dim; fp32 (IEEE products on the FMA units) at the common head dims.
     variants = ("plain", "causal", "float mask", "bool mask", "dropout", "window")
+    for d in (16, 32, 40, 64, 80, 96, 112, 128, 160, 192, 256):
+        for variant in variants if d in (40, 64, 128, 256) else ("plain", "causal"):
+            attention("bf16", d, variant)
+        attention("fp16", d, "plain")
+    attention("bf16", 128, "plain", dv=64)
+    for d in (64, 128, 256):
+        attention("bf16", d, "causal", length=1)
+        for variant in ("plain", "causal", "dropout"):
+            attention("fp32", d, variant)
     for dtype_name in _DTYPES:
-        for d in (16, 32, 40, 64, 80, 96, 112, 128, 160, 192, 256):
-            for variant in variants if d in (40, 64, 128, 256) else ("plain", "causal"):
-                attention(dtype_name, d, variant)
-        attention(dtype_name, 128, "plain", dv=64)
-        for d in (64, 128, 256):
-            attention(dtype_name, d, "causal", length=1)
         for hidden in (512, 1000, 4096, 8192, 16384, 65536):
             for rms, dropout in ((False, False), (True, True)):
                 layer_norm(dtype_name, hidden, rms, dropout)
