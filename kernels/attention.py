@@ -62,7 +62,7 @@ FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 # the widest head dim (fp32 counts four times) a tile is tried at. Every tile fits Hopper's
 # shared memory there; some spill registers at their widest or with masks and dropout
 # (tools/cross_compile.py compiles them all for sm_90 without a GPU and reports registers
-# and spills: benchmarks/results/triton-compile-sm_90.json). Autotuning picks among the
+# and spills: benchmarks/results/triton-compile-sm_90.csv). Autotuning picks among the
 # tiles that fit a call.
 # ----------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Compile every Triton kernel for NVIDIA GPUs on a machine without one, and check the result.
 
     python tools/cross_compile.py                       # the CI set, sm_90 (Hopper)
-    python tools/cross_compile.py --set full --arch 90 80 --json compile.json
+    python tools/cross_compile.py --set full --arch 90 80 --csv compile.csv
 
 Triton's interpreter (how CPU CI runs the kernels) never lowers them: a kernel it runs may
 still fail to compile for a GPU, need more shared memory than one has, or spill registers.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import csv
 import io
 import json
 import os
@@ -361,6 +362,34 @@ def check(launches: list[Launch], capability: int) -> list[str]:
     ]
 
 
+CSV_COLUMNS = (
+    "arch",
+    "triton",
+    "case",
+    "kernel",
+    "BLOCK_M",
+    "BLOCK_N",
+    "num_warps",
+    "num_stages",
+    "shared_bytes",
+    "registers",
+    "spill_bytes",
+    "mma",
+)
+
+
+def write_csv(path: Path, report: dict[str, list[dict]], triton_version: str) -> None:
+    """One row per compiled kernel (compile times left out: they vary from run to run)."""
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for arch, compiled in report.items():
+            for entry in compiled:
+                writer.writerow(
+                    {"arch": arch, "triton": triton_version, **entry, **entry["config"]}
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", choices=("ci", "full"), default="ci")
@@ -377,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="a line per case")
     parser.add_argument("--json", type=Path, help="write every compiled kernel's figures here")
+    parser.add_argument("--csv", type=Path, help="the same as a table, one row a kernel")
     args = parser.parse_args(argv)
 
     selected = {
@@ -428,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps({"triton": triton.__version__, "set": args.set, "results": report}, indent=1)
         )
+    if args.csv:
+        write_csv(args.csv, report, triton.__version__)
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0
