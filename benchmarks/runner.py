@@ -129,6 +129,8 @@ def _run(
             "the CPU and the timings will be noisy"
         )
     runs: list[report.SuiteRun] = []
+    # Set by the first suite (there is always one).
+    json_path, csv_path, document = out_dir / f"{info.slug}.json", out_dir / f"{info.slug}.csv", {}
     plots = []
     columns = (
         TextColumn("{task.description}"),
@@ -183,7 +185,9 @@ def _run(
             report.print_table(console, run, info)
             plots += report.plot(out_dir, info, run)
             runs.append(run)
-    json_path, document = report.write_json(out_dir, info, runs, _fastformer_info())
-    csv_path = report.write_csv(out_dir, info, document)
+            # Written after every suite: a run cut short (a time limit on a lent GPU) keeps
+            # the suites it finished.
+            json_path, document = report.write_json(out_dir, info, runs, _fastformer_info())
+            csv_path = report.write_csv(out_dir, info, document)
     console.print(f"results: {json_path}, {csv_path}" + "".join(f", {p}" for p in plots))
     return {**document, "files": [str(p) for p in (json_path, csv_path, *plots)]}

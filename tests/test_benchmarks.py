@@ -18,10 +18,9 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def quick_run(tmp_path, monkeypatch):
-    """run() of the named suite with tiny budgets and fixed device peaks, into tmp_path;
-    returns the JSON document and the suite's results."""
-    from fastformer_benchmarks import harness, run, runner
+def quick_settings(monkeypatch):
+    """Tiny timing budgets and fixed device peaks for the runs of a test."""
+    from fastformer_benchmarks import harness, runner
 
     monkeypatch.setattr(runner, "BUDGET_S", {False: 0.02, True: 0.02})
     monkeypatch.setattr(harness, "WARMUP_S", 0.01)
@@ -37,6 +36,13 @@ def quick_run(tmp_path, monkeypatch):
         ),
     )
     monkeypatch.setattr(harness, "_PEAKS", {})
+
+
+@pytest.fixture
+def quick_run(tmp_path, quick_settings):
+    """run() of the named suite with quick_settings, into tmp_path; returns the JSON
+    document and the suite's results."""
+    from fastformer_benchmarks import run
 
     def quick(suite: str) -> tuple[dict, list[dict]]:
         # The harness collects garbage around every measurement; with torch and pytest
@@ -70,6 +76,40 @@ def test_layer_norm_suite_runs_end_to_end(quick_run, monkeypatch):
             assert by_provider[provider]["timing"]["median_ms"] > 0
         for provider in ("liger", "apex", "flash_attn"):  # CUDA only
             assert by_provider[provider]["status"].startswith("skipped")
+
+
+@requires_extension
+def test_finished_suites_are_saved_before_a_later_one_stops_the_run(
+    tmp_path, monkeypatch, quick_settings
+):
+    """A run cut short (a time limit on a lent GPU) keeps the suites it finished: results are
+    written after every suite."""
+    import dataclasses
+
+    from fastformer_benchmarks import bench_layer_norm_residual, run, runner
+
+    monkeypatch.setattr(bench_layer_norm_residual, "CPU_SHAPES", (64, (48,)))
+
+    def stopped(ctx):
+        raise KeyboardInterrupt  # as a timeout's signal would stop the run
+
+    real_load = runner.load_suite
+    monkeypatch.setattr(
+        runner,
+        "load_suite",
+        lambda name: (
+            real_load(name)
+            if name == "layer_norm_residual"
+            else dataclasses.replace(real_load(name), cases=stopped)
+        ),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run(["layer_norm_residual", "feed_forward"], None, tmp_path, False, device="cpu")
+    (saved,) = tmp_path.glob("*.json")
+    suites = json.loads(saved.read_text())["suites"]
+    assert list(suites) == ["layer_norm_residual"]
+    assert suites["layer_norm_residual"]["results"]
+    assert list(tmp_path.glob("*.csv"))
 
 
 def test_unknown_suite_is_named():

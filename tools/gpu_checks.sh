@@ -6,8 +6,13 @@
 #   tools/gpu_checks.sh sanitize   compute-sanitizer memcheck and racecheck on tools/sanitize_cases.py
 #   tools/gpu_checks.sh large      tensors over 2^31 elements (FASTFORMER_TEST_LARGE=1)
 #   tools/gpu_checks.sh bench      `fastformer bench` (default run; results in benchmarks/results)
+#   tools/gpu_checks.sh core       the op, module and model tests on CUDA (no fuzzing), bounded
+#   tools/gpu_checks.sh all        build, core and bench in one call, each step time-bounded:
+#                                  what to run first where device time is short
 #
-# Logs go to $OUT (the device tool's output folder) or /tmp/fastformer-gpu.
+# Logs go to $OUT (the device tool's output folder) or /tmp/fastformer-gpu. BUILD_S, CORE_S
+# and BENCH_S bound those stages (seconds; 0, the default, is no bound); the benchmark
+# writes its results after every suite, so a bounded run keeps the suites it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/fastformer-gpu}"
@@ -15,7 +20,8 @@ mkdir -p "$out"
 
 case "${1:-}" in
 build)
-	MAX_JOBS="${MAX_JOBS:-16}" pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
+	MAX_JOBS="${MAX_JOBS:-16}" timeout "${BUILD_S:-0}" pip install --no-build-isolation --no-deps -e . \
+		>"$out/build.log" 2>&1
 	status=$?
 	tail -20 "$out/build.log"
 	python -m fastformer info | tee "$out/info.txt"
@@ -23,9 +29,12 @@ build)
 	;;
 test)
 	# One attention tile per launch (FASTFORMER_AUTOTUNE=0): the suite's many shapes each
-	# compile once instead of timing every tile; the benchmarks autotune.
+	# compile once instead of timing every tile; the benchmarks autotune. The compile-only
+	# checks of CPU CI (nvcc, Triton cross-compilation) have nothing to add here.
 	export FASTFORMER_AUTOTUNE="${FASTFORMER_AUTOTUNE:-0}"
-	python -m pytest -q -p no:cacheprovider --junitxml="$out/junit.xml" 2>&1 | tee "$out/test.log" | tail -40
+	python -m pytest -q -p no:cacheprovider --junitxml="$out/junit.xml" \
+		--ignore=tests/test_cuda_sources.py --ignore=tests/test_cross_compile.py \
+		2>&1 | tee "$out/test.log" | tail -40
 	FASTFORMER_FF_EPILOGUE=cublaslt python -m pytest -q -p no:cacheprovider tests/test_feed_forward.py \
 		2>&1 | tee "$out/test-cublaslt.log" | tail -10
 	;;
@@ -42,10 +51,31 @@ large)
 		2>&1 | tee "$out/large.log" | tail -10
 	;;
 bench)
-	/usr/bin/time -v python -m fastformer bench --out "$out/results" 2>&1 | tee "$out/bench.log" | tail -60
+	/usr/bin/time -v timeout "${BENCH_S:-0}" python -m fastformer bench --out "$out/results" 2>&1 |
+		tee "$out/bench.log" | tail -60
+	;;
+core)
+	export FASTFORMER_AUTOTUNE="${FASTFORMER_AUTOTUNE:-0}"
+	timeout "${CORE_S:-0}" python -m pytest -q -p no:cacheprovider --junitxml="$out/core.xml" \
+		tests/test_attention.py tests/test_layer_norm_residual.py tests/test_feed_forward.py \
+		tests/test_nn.py tests/test_nn_transformer.py tests/test_models.py \
+		2>&1 | tee "$out/core.log" | tail -30
+	;;
+all)
+	# At most ALL_S seconds (default 570: one device call of 10 minutes). The build gets up
+	# to 240 s (nothing else can run without it), the tests up to 150 s while leaving the
+	# benchmark at least 200 s, and the benchmark whatever is left.
+	end=$((SECONDS + ${ALL_S:-570}))
+	BUILD_S=240 "$0" build || exit 1
+	core_s=$((end - SECONDS - 200))
+	((core_s > 150)) && core_s=150
+	((core_s > 0)) && CORE_S=$core_s "$0" core
+	bench_s=$((end - SECONDS))
+	((bench_s < 1)) && bench_s=1 # 0 would mean no bound
+	BENCH_S=$bench_s "$0" bench
 	;;
 *)
-	sed -n '2,10p' "$0"
+	sed -n '2,15p' "$0"
 	exit 2
 	;;
 esac
