@@ -144,3 +144,31 @@ def test_compiles_without_warnings(compiled, source):
     warnings = _own_warnings(output)
     if warnings:
         pytest.fail(f"nvcc warns about {source.name}:\n" + "\n".join(warnings), pytrace=False)
+
+
+_NM_LINE = re.compile(r"^\s*(?:[0-9a-fA-F]+\s+)?[A-Za-z]\s+(.+)$")
+
+
+def _symbols(objects: list[Path], *flags: str) -> set[str]:
+    listing = subprocess.run(
+        ["nm", "-C", *flags, *map(str, objects)], capture_output=True, text=True, check=True
+    )
+    # Lines "[address] type name"; the names are demangled, so they hold spaces.
+    entries = (_NM_LINE.match(line) for line in listing.stdout.splitlines())
+    return {entry.group(1) for entry in entries if entry}
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not found")
+def test_objects_define_every_fastformer_function_they_call(compiled, tmp_path_factory):
+    """A link check without CUDA's libraries: what the CUDA objects call in fastformer's own
+    namespace (a launcher declared in a header and never defined, a signature that differs
+    between declaration and definition) is defined by one of them."""
+    for source in SOURCES:
+        if compiled[source].result().returncode != 0:
+            pytest.skip(f"{source.name} did not compile (reported by its own test)")
+    out_dir = Path(compiled[SOURCES[0]].result().args[4]).parent
+    objects = [out_dir / f"{source.stem}.o" for source in SOURCES]
+    defined = _symbols(objects, "--defined-only")
+    called = {s for s in _symbols(objects, "--undefined-only") if s.startswith("fastformer::")}
+    assert called, "the host code calls no launcher in another file: the check checks nothing"
+    assert called <= defined, f"called but defined nowhere: {sorted(called - defined)}"
