@@ -118,15 +118,16 @@ __device__ __forceinline__ float activation(float x, float* derivative = nullptr
     }
     return x * cdf;
   } else if constexpr (A == ActivationKind::kGeluTanh) {
-    // t = tanh(u), u = sqrt(2/pi) (x + c x^3): x (1 + t) / 2;
-    // d/dx = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2) / 2
+    // x (1 + tanh(u)) / 2, u = sqrt(2/pi) (x + c x^3), as x s with s = (1 + tanh(u)) / 2 =
+    // sigmoid(2u), as the CPU kernels compute it: no cancellation in 1 + tanh(u) for u << 0.
+    // d/dx = s + x 2 s (1 - s) du/dx, du/dx = sqrt(2/pi) (1 + 3 c x^2)
     const float x2 = x * x;
-    const float t = tanhf(kSqrtTwoOverPi * x * (1.f + kGeluCubic * x2));
+    const float s = 1.f / (1.f + expf(-2.f * kSqrtTwoOverPi * x * (1.f + kGeluCubic * x2)));
     if (derivative != nullptr) {
-      *derivative = 0.5f * (1.f + t) +
-                    0.5f * x * (1.f - t * t) * kSqrtTwoOverPi * (1.f + 3.f * kGeluCubic * x2);
+      *derivative =
+          s + 2.f * x * s * (1.f - s) * kSqrtTwoOverPi * (1.f + 3.f * kGeluCubic * x2);
     }
-    return 0.5f * x * (1.f + t);
+    return x * s;
   } else {
     // silu(x) = x s, s = 1 / (1 + exp(-x));  d/dx = s (1 + x (1 - s))
     const float s = 1.f / (1.f + expf(-x));
