@@ -12,6 +12,11 @@ eager attention, softmax(q k^T * scale + causal mask) v in plain torch; flash-at
 flash_attn_func and xformers' memory_efficient_attention (CUDA, when installed). sdpa-math
 and eager materialise the L x S scores, so they are skipped above seqlen 2048.
 
+Decoding cases ("decode" in the name; forward only): one query per sequence (L = 1) against
+a cache of S keys, batch 1 and 8 at width 4096 in heads of 128 on a GPU (one small case on
+CPU), not causal (a single last query sees every key). Their figure is memory bandwidth: the
+bytes of q, k, v read and out written, over the time (GB/s, share of the copy bandwidth).
+
 Modes: "fwd" (inputs without grad); "bwd": the backward alone, torch.autograd.grad(out,
 (q, k, v), grad_out, retain_graph=True) through a graph built by one forward outside the
 timed region (retain_graph keeps its saved tensors for the next timed backward); "fwd+bwd":
@@ -92,6 +97,20 @@ GPU_FULL_SHAPES = Shapes(16384, 2048, (64, 128), (512, 1024, 2048, 4096, 8192, 1
 GPU_SHAPES = dataclasses.replace(GPU_FULL_SHAPES, seqlens=(1024, 4096, 16384))
 CPU_SHAPES = Shapes(1024, 256, (64,), (256, 1024))
 CPU_FULL_SHAPES = Shapes(2048, 256, (64, 128), (256, 512, 1024, 2048))
+
+
+@dataclass(frozen=True)
+class DecodeShapes:
+    batches: tuple[int, ...]
+    heads: int
+    head_dim: int
+    seqlens: tuple[int, ...]  # keys in the cache, S; one query each (L = 1)
+
+
+# Decoding: a 4096-wide model with heads of 128 (Llama 2 7B's attention) on a GPU, batch 1
+# (where splitting the keys over programs matters most) and 8; a small case on CPU.
+GPU_DECODE = DecodeShapes((1, 8), 32, 128, (4096, 16384, 65536))
+CPU_DECODE = DecodeShapes((1,), 4, 64, (4096,))
 # The GPU default keeps to the two modes the targets need (a few minutes with every
 # provider); --full adds the backward alone.
 GPU_MODES = ("fwd", "fwd+bwd")
@@ -130,7 +149,36 @@ def _cases(ctx: Context) -> list[Case]:
         }
         flops = attention_flops(batch, heads, seqlen, head_dim, causal, mode)
         cases.append(Case(OP, name, dtype_name(dtype), mode, params, flops=flops))
+    decode = CPU_DECODE if ctx.device.type == "cpu" else GPU_DECODE
+    for dtype, batch, seqlen in itertools.product(dtypes, decode.batches, decode.seqlens):
+        heads, head_dim = decode.heads, decode.head_dim
+        params = {
+            "seqlen": seqlen,
+            "head_dim": head_dim,
+            "causal": False,
+            "batch": batch,
+            "heads": heads,
+            "query_len": 1,
+        }
+        # q, k, v read and out written once: the memory a decoding step cannot avoid.
+        moved = batch * heads * head_dim * (2 * seqlen + 2) * dtype.itemsize
+        name = f"{batch}x{heads}x1x{seqlen}x{head_dim} decode"
+        cases.append(Case(OP, name, dtype_name(dtype), "fwd", params, bytes=moved))
     return cases
+
+
+def _sizes(case: Case) -> tuple[int, int, int, int, int]:
+    """(batch, heads, query length, key length, head dim) of a case."""
+    p = case.params
+    if "query_len" in p:  # decoding
+        return p["batch"], p["heads"], p["query_len"], p["seqlen"], p["head_dim"]
+    return (
+        p["tokens"] // p["seqlen"],
+        p["width"] // p["head_dim"],
+        p["seqlen"],
+        p["seqlen"],
+        (p["head_dim"]),
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -158,17 +206,24 @@ class _Inputs:
 
 
 def _make_inputs(ctx: Context, case: Case) -> list[_Inputs]:
-    seqlen, head_dim = case.params["seqlen"], case.params["head_dim"]
-    batch, heads = case.params["tokens"] // seqlen, case.params["width"] // head_dim
+    batch, heads, length, source, head_dim = _sizes(case)
     dtype, grad = getattr(torch, case.dtype), case.mode != "fwd"
 
-    def tensor(requires_grad: bool) -> torch.Tensor:
-        shape = (batch, heads, seqlen, head_dim)
+    def tensor(rows: int, requires_grad: bool) -> torch.Tensor:
+        shape = (batch, heads, rows, head_dim)
         return torch.randn(shape, device=ctx.device, dtype=dtype).requires_grad_(requires_grad)
 
-    set_bytes = batch * heads * seqlen * head_dim * dtype.itemsize * (5 if grad else 4)
+    # q, k, v and out (+ grad_out) of one set
+    set_bytes = (
+        batch * heads * head_dim * dtype.itemsize * ((3 if grad else 2) * length + 2 * source)
+    )
     return [
-        _Inputs(tensor(grad), tensor(grad), tensor(grad), tensor(False) if grad else None)
+        _Inputs(
+            tensor(length, grad),
+            tensor(source, grad),
+            tensor(source, grad),
+            tensor(length, False) if grad else None,
+        )
         for _ in range(input_sets(ctx, set_bytes))
     ]
 
@@ -184,8 +239,9 @@ def _fastformer(causal: bool) -> Attend:
 
 
 def _quadratic(case: Case) -> None:
-    if case.params["seqlen"] > QUADRATIC_MAX_SEQLEN:
-        raise Skip(f"O(L^2) memory: L x S scores materialised, seqlen > {QUADRATIC_MAX_SEQLEN}")
+    _, _, length, source, _ = _sizes(case)
+    if length * source > QUADRATIC_MAX_SEQLEN**2:
+        raise Skip(f"O(L^2) memory: L x S scores materialised, L * S > {QUADRATIC_MAX_SEQLEN}^2")
 
 
 def _sdpa_backend(ctx: Context, case: Case, provider: str, probe: _Inputs) -> Attend:
@@ -233,7 +289,7 @@ def _flex(ctx: Context, case: Case) -> Attend:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as error:
         raise Skip(f"torch {torch.__version__} has no FlexAttention ({one_line(error)})") from None
-    seqlen = case.params["seqlen"]
+    seqlen = case.params["seqlen"]  # causal cases have L = S
     block_mask = None
     if case.params["causal"]:
 
@@ -249,9 +305,9 @@ def _flex(ctx: Context, case: Case) -> Attend:
 def _eager(case: Case, device: torch.device) -> Attend:
     _quadratic(case)
     seqlen, scale = case.params["seqlen"], 1 / math.sqrt(case.params["head_dim"])
+    causal = case.params["causal"]  # causal cases have L = S
     # The mask is made once, as a model keeps it as a buffer.
-    above = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).triu(1)
-    causal = case.params["causal"]
+    above = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).triu(1) if causal else None
 
     def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * scale
@@ -369,6 +425,7 @@ def _targets(ctx: Context) -> list[Target]:
     where = {
         "device": "cuda",
         "dtype": "bfloat16",
+        "width": GPU_FULL_SHAPES.width,  # the FlashAttention setup, not the decoding cases
         "head_dim": [64, 128],
         "seqlen": [2048, 4096, 8192, 16384],
         "causal": [False, True],

@@ -32,6 +32,11 @@ Limits and choices:
 - Grids are one-dimensional (blocks x batch x heads in dim 0). On CUDA the tile shapes are
   autotuned per head dim, dtype, features and power-of-two buckets of L and S; under
   Triton's interpreter a single 16 x 16 tile is used.
+- Decoding (split forward): where one query block per head leaves the GPU mostly idle
+  (L <= 16 and fewer (batch, head) pairs than multiprocessors), several programs share a
+  query block's keys, each writing its (row max, row sum, unnormalized out) in float32; a
+  combine kernel merges them by the online softmax's rule into the same out, lse and
+  statistics (kv_splits chooses how many).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import triton.language as tl
 from ._common import (
     empty,
     empty_absent,
+    multiprocessor_count,
     next_power_of_2,
     require_unit_column_stride,
     serialized_when_interpreting,
@@ -77,6 +83,10 @@ _DQ_TILES = [(128, 64, 8, 2, 128), (128, 32, 8, 2, 128), (128, 32, 4, 3, 64), (6
              (64, 32, 4, 2, 128), (64, 64, 8, 2, 256), (32, 64, 4, 2, 256), (16, 64, 4, 2, 256),
              (32, 32, 4, 1, 512), (16, 32, 4, 1, 512)]
 _PREPROCESS_BLOCK_M = 16 if INTERPRETING else 64
+_COMBINE_BLOCK_R = 16
+# Split forwards (kv_splits): for L up to this (every tile holds the queries of a head in one
+# block), at least this many visible keys per split, at most this many splits.
+MAX_SPLIT_LENGTH, MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS = 16, 256, 64
 # Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton).
 _TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
                "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
@@ -95,7 +105,7 @@ def autotuning_enabled() -> bool:
     return value == "1"
 
 
-def _autotune(tiles: list[tuple[int, int, int, int, int]]):
+def _autotune(tiles: list[tuple[int, int, int, int, int]], key: list[str] = _TUNING_KEY):
     """triton.autotune over the tiles that fit each call: no longer than the sequences
     (decoding gets 16-row tiles) and wide enough for the head dims; only the first of them
     when autotuning_enabled() is false. The interpreter runs a single 16 x 16 tile."""
@@ -117,7 +127,7 @@ def _autotune(tiles: list[tuple[int, int, int, int, int]]):
         kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         return kept if autotuning_enabled() else kept[:1]
 
-    return triton.autotune(configs=configs, key=_TUNING_KEY,
+    return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": prune})
 
 
@@ -127,12 +137,11 @@ def _autotune(tiles: list[tuple[int, int, int, int, int]]):
 
 
 @triton.jit
-def _program_block(n, heads, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    """This program's (batch * heads + head, batch, head, first position) in a grid of
+def _program_block(pid, n, heads, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Program pid's (batch * heads + head, batch, head, first position) in a grid of
     cdiv(n, BLOCK) blocks for every (batch, head). REVERSE hands out the last blocks first:
     under a causal band they have the most work, so they should not start last."""
     blocks = tl.cdiv(n, BLOCK)
-    pid = tl.program_id(0)
     bh = pid // blocks
     block = pid % blocks
     if REVERSE:
@@ -240,7 +249,7 @@ def _load_rows(BASE, rows, n, stride, cols, width):
 # ----------------------------------------------------------------------------------------
 
 
-@_autotune(_FWD_TILES)
+@_autotune(_FWD_TILES, [*_TUNING_KEY, "SPLIT"])
 @triton.jit
 def _attention_fwd_kernel(
     Q,  # [B, Hq, L, D] queries, unit column stride
@@ -255,6 +264,10 @@ def _attention_fwd_kernel(
     LSE,  # [B, Hq, L] float32 log-sum-exp of the scores (natural log), contiguous
     STATS,  # [B, Hq, L, 2] float32 row statistics (base 2) for the backward: the row max of
     #         the scores and log2 of the row sum (lse = (max + log2 sum) * ln 2). Contiguous.
+    PART_ACC,  # [splits, B * Hq * L, DV] float32 (SPLIT only): each split's unnormalized out
+    PART_STATS,  # [splits, B * Hq * L, 2] float32 (SPLIT only): each split's row max, row sum
+    splits,  # programs sharing the keys of one query block (1 unless SPLIT)
+    rows_total,  # B * Hq * L: the rows of one split in PART_ACC and PART_STATS
     stride_qb, stride_qh, stride_qm,  # strides of Q in elements (batch, head, row)
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_vb, stride_vh, stride_vn,  # strides of V
@@ -279,12 +292,15 @@ def _attention_fwd_kernel(
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
     HAS_RESIDUAL: tl.constexpr,  # write OUT_RESIDUAL
+    SPLIT: tl.constexpr,  # split the keys: write PART_ACC and PART_STATS for the combine kernel
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    bh, b, h, start_m = _program_block(L, H, BLOCK_M, True)
+    pid = tl.program_id(0)
+    split = pid % splits  # consecutive programs share a query block (its q stays in L2)
+    bh, b, h, start_m = _program_block(pid // splits, L, H, BLOCK_M, True)
     kv_h = h // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -303,6 +319,12 @@ def _attention_fwd_kernel(
     last_m = tl.minimum(start_m + BLOCK_M, L) - 1
     n0, n1, n2, n3 = _block_bounds(start_m, last_m, S, diagonal_offset - window_left,
                                    diagonal_offset + window_right, BAND_LEFT, BAND_RIGHT, BLOCK_N)
+    split_lo = n0
+    split_hi = n3
+    if SPLIT:  # this split's share of the key blocks [n0, n3), whole blocks each
+        per_split = tl.cdiv((n3 - n0) // BLOCK_N, splits) * BLOCK_N
+        split_lo = tl.minimum(n0 + split * per_split, n3)
+        split_hi = tl.minimum(split_lo + per_split, n3)
     for phase in tl.static_range(3):  # edge blocks, inner blocks, edge blocks
         if phase == 0:
             lo, hi = n0, n1
@@ -310,6 +332,9 @@ def _attention_fwd_kernel(
             lo, hi = n1, n2
         else:
             lo, hi = n2, n3
+        if SPLIT:
+            lo = tl.maximum(lo, split_lo)
+            hi = tl.minimum(hi, split_hi)
         for start_n in range(lo, hi, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, keys, S, stride_kn, cols_d, D)
@@ -329,6 +354,24 @@ def _attention_fwd_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
 
+    out_rows = bh.to(tl.int64) * L + rows
+    if SPLIT:
+        part_rows = split.to(tl.int64) * rows_total + out_rows
+        part_mask = (rows < L)[:, None] & (cols_dv < DV)[None, :]
+        tl.store(PART_ACC + part_rows[:, None] * DV + cols_dv[None, :], acc, mask=part_mask)
+        tl.store(PART_STATS + part_rows * 2, m_i, mask=rows < L)
+        tl.store(PART_STATS + part_rows * 2 + 1, l_i, mask=rows < L)
+    else:
+        _store_forward(acc, m_i, l_i, out_rows, rows < L, cols_dv, DV, dropout_p, OUT,
+                       OUT_RESIDUAL, LSE, STATS, HAS_DROPOUT, HAS_RESIDUAL)
+
+
+@triton.jit
+def _store_forward(acc, m_i, l_i, out_rows, valid, cols_dv, DV, dropout_p, OUT, OUT_RESIDUAL,
+                   LSE, STATS, HAS_DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The forward's results for rows out_rows (of B * Hq * L; `valid` where they exist) from
+    the online softmax's state: acc = sum_j exp2(s_ij - m_i) z_ij v_j, m_i the row max
+    (base 2), l_i = sum_j exp2(s_ij - m_i)."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # l_i >= 1 unless every key is masked
     out = acc / l_safe[:, None]
     if HAS_DROPOUT:
@@ -337,17 +380,56 @@ def _attention_fwd_kernel(
     # an lse whose float32 rounding swamps log2(l), and the backward needs both exactly.
     row_max = tl.where(l_i == 0.0, float("-inf"), m_i)
     log2_sum = tl.where(l_i == 0.0, float("-inf"), tl.math.log2(l_safe))
-    out_rows = bh.to(tl.int64) * L + rows
     out_offsets = out_rows[:, None] * DV + cols_dv[None, :]
-    out_mask = (rows < L)[:, None] & (cols_dv < DV)[None, :]
+    out_mask = valid[:, None] & (cols_dv < DV)[None, :]
     rounded = out.to(OUT.dtype.element_ty)
     tl.store(OUT + out_offsets, rounded, mask=out_mask)
     if HAS_RESIDUAL:
         residual = out - rounded.to(tl.float32)
         tl.store(OUT_RESIDUAL + out_offsets, residual.to(OUT.dtype.element_ty), mask=out_mask)
-    tl.store(LSE + out_rows, (row_max + log2_sum) * LN2, mask=rows < L)
-    tl.store(STATS + out_rows * 2, row_max, mask=rows < L)
-    tl.store(STATS + out_rows * 2 + 1, log2_sum, mask=rows < L)
+    tl.store(LSE + out_rows, (row_max + log2_sum) * LN2, mask=valid)
+    tl.store(STATS + out_rows * 2, row_max, mask=valid)
+    tl.store(STATS + out_rows * 2 + 1, log2_sum, mask=valid)
+
+
+@triton.jit
+def _attention_fwd_combine_kernel(
+    PART_ACC, PART_STATS,  # the split forward's partial results (see _attention_fwd_kernel)
+    OUT, OUT_RESIDUAL, LSE, STATS,  # as in _attention_fwd_kernel
+    rows_total,  # B * Hq * L
+    splits,
+    DV,
+    dropout_p,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_DV: tl.constexpr,
+):
+    """The forward's results from the splits of a split forward: each split's (row max, row
+    sum, unnormalized out) merged by the online softmax's rule, in split order."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    valid = rows < rows_total
+    cols_dv = tl.arange(0, BLOCK_DV)
+    tile_mask = valid[:, None] & (cols_dv < DV)[None, :]
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
+    part_rows = rows  # of split 0, int64
+    for _split in range(splits):
+        m_s = tl.load(PART_STATS + part_rows * 2, mask=valid, other=float("-inf"))
+        l_s = tl.load(PART_STATS + part_rows * 2 + 1, mask=valid, other=0.0)
+        acc_s = tl.load(PART_ACC + part_rows[:, None] * DV + cols_dv[None, :], mask=tile_mask,
+                        other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(m_s - m_safe)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+        part_rows += rows_total
+    _store_forward(acc, m_i, l_i, rows, valid, cols_dv, DV, dropout_p, OUT, OUT_RESIDUAL, LSE,
+                   STATS, HAS_DROPOUT, HAS_RESIDUAL)
 
 
 class AttentionForward(NamedTuple):
@@ -423,6 +505,24 @@ def _features(problem: _Problem, q: torch.Tensor, mask: torch.Tensor | None, dro
     )
 
 
+def kv_splits(problem: _Problem, device: torch.device, diagonal_offset: int, window_left: int,
+              window_right: int) -> int:
+    """How many programs share the keys of one query block (a split forward, then the combine
+    kernel). Splitting pays where the query blocks are too few to fill the GPU: decoding and
+    short query chunks (L <= MAX_SPLIT_LENGTH: one query block per head for every tile)
+    against many keys. About two programs per multiprocessor, each with at least
+    MIN_KEYS_PER_SPLIT of the keys the band lets the queries see."""
+    programs = problem.batch * problem.heads
+    multiprocessors = multiprocessor_count(device)
+    if problem.length > MAX_SPLIT_LENGTH or programs >= multiprocessors:
+        return 1
+    first = 0 if window_left < 0 else max(0, diagonal_offset - window_left)
+    end = problem.source if window_right < 0 else min(
+        problem.source, problem.length + diagonal_offset + window_right)
+    wanted = triton.cdiv(2 * multiprocessors, programs)
+    return max(1, min(wanted, max(0, end - first) // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
+
+
 def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, ...]]:
     """The mask as the kernels read it (bool reinterpreted as uint8, no copy) and its strides."""
     if mask is None:
@@ -443,10 +543,13 @@ def attention_forward(
     window_left: int,
     window_right: int,
     keep_residual: bool,
+    *,
+    splits: int | None = None,
 ) -> AttentionForward:
     """Launch the forward kernel; see the module docstring for the maths. The arguments are
     those of the op fastformer::attention_fwd, in its order. keep_residual: also return
-    out_residual where q is in half precision (for the backward's delta)."""
+    out_residual where q is in half precision (for the backward's delta). splits: programs
+    sharing the keys of a query block (default: kv_splits())."""
     problem = _check("attention_fwd", q, k, v, mask, seed, dropout_p)
     batch, heads, length = problem.batch, problem.heads, problem.length
     value_dim = problem.value_dim
@@ -460,17 +563,33 @@ def attention_forward(
         return AttentionForward(out, lse, stats, out_residual)
     mask_arg, mask_strides = _mask_args(mask)
     has_dropout = dropout_p > 0.0
+    if splits is None:
+        splits = kv_splits(problem, q.device, diagonal_offset, window_left, window_right)
+    if splits < 1:
+        raise ValueError(f"attention_fwd: splits must be >= 1, got {splits}")
+    rows_total = batch * heads * length
+    part_acc = part_stats = None
+    if splits > 1:
+        part_acc = torch.empty((splits, rows_total, value_dim), dtype=torch.float32,
+                               device=q.device)
+        part_stats = torch.empty((splits, rows_total, 2), dtype=torch.float32, device=q.device)
+    features = _features(problem, q, mask, dropout_p, window_left, window_right)
 
     def grid(meta):
-        return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
+        return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads * splits,)
 
     _attention_fwd_kernel[grid](
         q, k, v, mask_arg, seed if has_dropout else None, out,
-        out_residual if has_residual else None, lse, stats,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
+        out_residual if has_residual else None, lse, stats, part_acc, part_stats, splits,
+        rows_total, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         heads, heads // problem.kv_heads, length, problem.source, problem.head_dim, value_dim,
         scale, diagonal_offset, window_left, window_right, dropout_p,
-        HAS_RESIDUAL=has_residual,
-        **_features(problem, q, mask, dropout_p, window_left, window_right),
+        HAS_RESIDUAL=has_residual, SPLIT=splits > 1, **features,
     )
+    if splits > 1:
+        _attention_fwd_combine_kernel[(triton.cdiv(rows_total, _COMBINE_BLOCK_R),)](
+            part_acc, part_stats, out, out_residual if has_residual else None, lse, stats,
+            rows_total, splits, value_dim, dropout_p, HAS_DROPOUT=has_dropout,
+            HAS_RESIDUAL=has_residual, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_DV=features["BLOCK_DV"],
+        )
     return AttentionForward(out, lse, stats, out_residual)

@@ -71,7 +71,7 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    bh, b, h, start_m = _program_block(L, H, BLOCK_M, False)
+    bh, b, h, start_m = _program_block(tl.program_id(0), L, H, BLOCK_M, False)
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_DV)
     out_base = b * stride_ob + h * stride_oh
@@ -128,7 +128,8 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    bhk, b, kv_h, start_n = _program_block(S, H // GROUP, BLOCK_N, False)  # bhk: b * Hkv + kv_h
+    # bhk: b * Hkv + kv_h
+    bhk, b, kv_h, start_n = _program_block(tl.program_id(0), S, H // GROUP, BLOCK_N, False)
     keys = start_n + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
     cols_dv = tl.arange(0, BLOCK_DV)
@@ -233,7 +234,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_DV: tl.constexpr,  # DV padded to a power of two
 ):
-    bh, b, h, start_m = _program_block(L, H, BLOCK_M, True)
+    bh, b, h, start_m = _program_block(tl.program_id(0), L, H, BLOCK_M, True)
     kv_h = h // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)

@@ -126,13 +126,24 @@ def test_attention_suite_runs_end_to_end(quick_run, monkeypatch):
     monkeypatch.setattr(suite, "CPU_SHAPES", suite.Shapes(64, 64, (32,), (16, 32)))
     # seqlen 32 stands for the long sequences where the O(L^2) providers are skipped.
     monkeypatch.setattr(suite, "QUADRATIC_MAX_SEQLEN", 16)
-    written, results = quick_run("attention")
+    monkeypatch.setattr(suite, "CPU_DECODE", suite.DecodeShapes((2,), 2, 32, (48,)))
+    written, all_results = quick_run("attention")
+    decode = [r for r in all_results if r["case"]["name"].endswith("decode")]
+    results = [r for r in all_results if r not in decode]
     assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
         (f"{64 // seqlen}x2x{seqlen}x32{causal}", mode)
         for seqlen in (16, 32)
         for causal in ("", " causal")
         for mode in ("fwd", "bwd", "fwd+bwd")
     }
+    # Decoding: one query against 48 cached keys, measured in GB/s of q, k, v and out.
+    (step,) = decode
+    assert (step["case"]["name"], step["case"]["mode"]) == ("2x2x1x48x32 decode", "fwd")
+    assert step["case"]["bytes"] == 2 * 2 * 32 * (2 * 48 + 2) * 4
+    by_provider = {m["provider"]: m for m in step["measurements"]}
+    for provider in ("fastformer", "sdpa", "sdpa-math", "eager"):
+        assert by_provider[provider]["status"] == "ok", by_provider[provider]["reason"]
+        assert by_provider[provider]["unit"] == "GB/s"
     flops = {(r["case"]["name"], r["case"]["mode"]): r["case"]["flops"] for r in results}
     assert flops["4x2x16x32", "fwd"] == 4 * 4 * 2 * 16 * 16 * 32
     assert flops["4x2x16x32 causal", "fwd"] * 2 == flops["4x2x16x32", "fwd"]

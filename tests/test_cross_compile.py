@@ -45,6 +45,7 @@ def test_triton_kernels_compile_for_hopper(tmp_path: Path) -> None:
     kernels = {entry["kernel"] for entry in compiled}
     assert kernels == {
         "_attention_fwd_kernel",
+        "_attention_fwd_combine_kernel",
         "_attention_bwd_preprocess_kernel",
         "_attention_bwd_dkdv_kernel",
         "_attention_bwd_dq_kernel",

@@ -20,9 +20,10 @@ Exit status 1 when a check fails.
 
 The cases (--set): "ci" covers each kernel's code paths once (bf16 head dims 40, 64, 128,
 256; masks, causal, dropout, the half-precision residual; fp16; fp32's IEEE products) at a
-long sequence, where every tile is a candidate; "full" crosses bf16 with every supported
-head dim and variant (windows too), a value head dim that differs and decoding (L = 1), and
-adds fp16 at every head dim and fp32 at 64, 128 and 256.
+long sequence, where every tile is a candidate, and a decoding step (the split forward);
+"full" crosses bf16 with every supported head dim and variant (windows too), a value head
+dim that differs and decoding (L = 1), and adds fp16 at every head dim and fp32 at 64, 128
+and 256.
 """
 
 from __future__ import annotations
@@ -323,6 +324,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
         for variant in ("causal", "float mask", "bool mask", "dropout"):
             attention("bf16", 128, variant)
         attention("fp16", 128, "plain")
+        attention("bf16", 128, "causal", length=1)  # decoding: the split forward and its combine
         attention("fp32", 64, "plain")
         attention("fp32", 64, "causal")
         for dtype_name in ("bf16", "fp32"):
