@@ -30,15 +30,23 @@
 namespace fastformer::cuda {
 namespace {
 
-// Checks a cuBLASLt status; warns once per process on the first failure.
+// Checks a cuBLASLt status. A combination cuBLASLt does not offer (NOT_SUPPORTED, or no
+// algorithm for an epilogue and dtype) and a real failure each warn once per process, apart:
+// an expected decline must not use up the warning of a later error.
 bool lt_ok(cublasStatus_t status, const char* call) {
   if (status == CUBLAS_STATUS_SUCCESS) {
     return true;
   }
-  TORCH_WARN_ONCE("fastformer feed_forward: ", call, " failed with ",
-                  cublasLtGetStatusString(status),
-                  "; using the separate path (ATen GEMMs and fastformer's kernels) instead. ",
-                  "Further cuBLASLt failures are not reported.");
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
+    TORCH_WARN_ONCE("fastformer feed_forward: cuBLASLt does not support this GEMM (", call,
+                    "); using the separate path (ATen GEMMs and fastformer's kernels) for it. ",
+                    "Further declines are not reported.");
+  } else {
+    TORCH_WARN_ONCE("fastformer feed_forward: ", call, " failed with ",
+                    cublasLtGetStatusString(status),
+                    "; using the separate path (ATen GEMMs and fastformer's kernels) instead. ",
+                    "Further cuBLASLt failures are not reported.");
+  }
   return false;
 }
 
