@@ -1,5 +1,5 @@
 """Helpers shared by the Triton launchers: output allocation, device properties, and the
-serialization of launches under Triton's interpreter."""
+serialization of launches that share state across threads."""
 
 from __future__ import annotations
 
@@ -18,23 +18,36 @@ POISON_ENV = "FASTFORMER_POISON_OUTPUTS"
 
 P = ParamSpec("P")
 R = TypeVar("R")
-# Triton's interpreter keeps the running grid and program id, and its patches of
-# triton.language, in process-wide state, so launches from two threads corrupt each other.
-# While interpreting, launchers take this lock; compiled GPU launches need none.
-_INTERPRETER_LOCK = threading.RLock()
+# Launches that share state across threads take this lock. Triton's interpreter keeps the
+# running grid and program id, and its patches of triton.language, in process-wide state;
+# Triton's Autotuner keeps each call's arguments in an attribute of the shared kernel object
+# (Autotuner.nargs, set at the start of a call and reset to None at its end), so two threads
+# launching one autotuned kernel at once can prune with each other's arguments or fail on
+# None. Launches are Python-bound under the GIL anyway: the lock costs them next to nothing.
+_LAUNCH_LOCK = threading.RLock()
+
+
+def _locked(launcher: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(launcher)
+    def locked_launcher(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _LAUNCH_LOCK:
+            return launcher(*args, **kwargs)
+
+    return locked_launcher
 
 
 def serialized_when_interpreting(launcher: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a launcher so that, under TRITON_INTERPRET=1, one thread runs at a time."""
+    """Decorate a launcher of plain (not autotuned) kernels: under TRITON_INTERPRET=1 one
+    thread runs at a time; compiled launches of such kernels share no state."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return launcher
+    return _locked(launcher)
 
-    @functools.wraps(launcher)
-    def serialized(*args: P.args, **kwargs: P.kwargs) -> R:
-        with _INTERPRETER_LOCK:
-            return launcher(*args, **kwargs)
 
-    return serialized
+def serialized(launcher: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a launcher of autotuned kernels: one thread runs it at a time, compiled or
+    interpreted."""
+    return _locked(launcher)
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

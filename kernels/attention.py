@@ -54,7 +54,7 @@ from ._common import (
     multiprocessor_count,
     next_power_of_2,
     require_unit_column_stride,
-    serialized_when_interpreting,
+    serialized,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -530,7 +530,7 @@ def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[in
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), mask.stride()
 
 
-@serialized_when_interpreting
+@serialized
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,

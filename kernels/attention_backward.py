@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, require_unit_column_stride, serialized_when_interpreting
+from ._common import empty, require_unit_column_stride, serialized
 from .attention import (
     _DKDV_TILES,
     _DQ_TILES,
@@ -292,7 +292,7 @@ class AttentionBackward(NamedTuple):
     grad_v: torch.Tensor  # (B, Hkv, S, Dv) in v's dtype
 
 
-@serialized_when_interpreting
+@serialized
 def attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,

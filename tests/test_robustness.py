@@ -20,6 +20,7 @@ import gc
 import math
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -318,6 +319,47 @@ def test_interpreter_concurrent_calls_match_serial_calls(use_implementation):
     concurrent_results = _run_concurrently(steps, threads=2)
     for index, (alone, together) in enumerate(zip(serial, concurrent_results, strict=True)):
         _assert_equal_results(alone, together, f"call {index} in a thread")
+
+
+_LOCKED_LAUNCHES = """
+import threading, time
+from fastformer_kernels import _common, attention, attention_backward, layer_norm_residual
+assert hasattr(attention.attention_forward, "__wrapped__")
+assert hasattr(attention_backward.attention_backward, "__wrapped__")
+assert not hasattr(layer_norm_residual.layer_norm_residual_forward, "__wrapped__")
+inside = most = 0
+
+@_common.serialized
+def launch():
+    global inside, most
+    inside += 1
+    most = max(most, inside)
+    time.sleep(0.01)
+    inside -= 1
+
+threads = [threading.Thread(target=launch) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(most)
+"""
+
+
+def test_autotuned_launchers_run_one_thread_at_a_time_when_compiled():
+    """Triton's Autotuner keeps each call's arguments on the shared kernel object (and resets
+    them to None when a call ends), so compiled (GPU) launches of the autotuned attention
+    kernels take a lock: 8 threads inside such a launcher run one at a time. The plain
+    LayerNorm kernels' launchers take none. Without the interpreter, as on a GPU."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOCKED_LAUNCHES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
 
 
 # ----------------------------------------------------------------------------------------
