@@ -10,9 +10,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastformer
 from tests.conftest import HAS_CUDA, HAS_INTERPRETER
+from tests.fuzzing import fuzz_settings
 from tests.test_attention import _check
 
 attention_kernels = pytest.importorskip("fastformer_kernels.attention")
@@ -157,3 +160,48 @@ def test_split_policy():
         attention_kernels.attention_forward(
             q, q, q, None, None, 1.0, 0.0, 0, -1, -1, False, splits=0
         )
+
+
+@needs_triton
+@fuzz_settings(ci_examples=12)
+@given(
+    length=st.integers(1, 16),
+    source=st.integers(200, 700),
+    offset_shift=st.integers(-40, 40),
+    window_left=st.sampled_from([-1, 0, 1, 37, 300]),
+    window_right=st.sampled_from([-1, 0, 5]),
+    splits=st.integers(2, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_split_key_ranges_fuzzed(
+    length, source, offset_shift, window_left, window_right, splits, seed
+):
+    """Random bands (offsets around the bottom-right diagonal, windows on either side) and
+    split counts: the splits cover exactly the keys the unsplit kernel visits, rows without
+    a visible key included (zeros, -inf statistics)."""
+    device, dtype = TRITON_CASES[0].values
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(1, 2, rows, 16, generator=generator).to(device=device, dtype=dtype)
+        for rows in (length, source, source)
+    )
+    arguments = (
+        q,
+        k,
+        v,
+        None,
+        None,
+        0.25,
+        0.0,
+        source - length + offset_shift,
+        window_left,
+        window_right,
+        False,
+    )
+    with _triton(device):
+        whole = attention_kernels.attention_forward(*arguments, splits=1)
+        split = attention_kernels.attention_forward(*arguments, splits=splits)
+    out_atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(split.out.float(), whole.out.float(), atol=out_atol, rtol=1e-2)
+    torch.testing.assert_close(split.stats, whole.stats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split.lse, whole.lse, atol=1e-5, rtol=1e-5)
