@@ -189,7 +189,7 @@ class Recorder:
             launch.compiled.append(compiled)
             return kernel
 
-        def every_config(tuner: Autotuner, *args, **kwargs):
+        def compile_tiles(tuner: Autotuner, *args, **kwargs):
             # The configurations the autotuner would time for this call, each compiled.
             tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
             configs = tuner.prune_configs(kwargs)
@@ -200,7 +200,7 @@ class Recorder:
                 tuner.fn.run(*args, **kwargs, **config.all_kwargs())
             tuner.nargs = None
 
-        JITFunction.run, Autotuner.run = compile_only, every_config
+        JITFunction.run, Autotuner.run = compile_only, compile_tiles
         try:
             yield
         finally:
