@@ -27,7 +27,10 @@ R = TypeVar("R")
 _LAUNCH_LOCK = threading.RLock()
 
 
-def _locked(launcher: Callable[P, R]) -> Callable[P, R]:
+def serialized(launcher: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a launcher of autotuned kernels: one thread runs it at a time, compiled or
+    interpreted."""
+
     @functools.wraps(launcher)
     def locked_launcher(*args: P.args, **kwargs: P.kwargs) -> R:
         with _LAUNCH_LOCK:
@@ -41,13 +44,7 @@ def serialized_when_interpreting(launcher: Callable[P, R]) -> Callable[P, R]:
     thread runs at a time; compiled launches of such kernels share no state."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return launcher
-    return _locked(launcher)
-
-
-def serialized(launcher: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a launcher of autotuned kernels: one thread runs it at a time, compiled or
-    interpreted."""
-    return _locked(launcher)
+    return serialized(launcher)
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
