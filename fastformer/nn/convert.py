@@ -16,8 +16,8 @@ from .transformer import (
     TransformerDecoderLayer,
     TransformerEncoder,
     TransformerEncoderLayer,
-    has_hooks,
 )
+from .transformer_layer import has_hooks
 
 __all__ = ["ConversionReport", "ConversionWarning", "convert"]
 
