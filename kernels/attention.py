@@ -87,9 +87,11 @@ _COMBINE_BLOCK_R = 16
 # Split forwards (kv_splits): for L up to this (every tile holds the queries of a head in one
 # block), at least this many visible keys per split, at most this many splits.
 MAX_SPLIT_LENGTH, MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS = 16, 256, 64
-# Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton).
-_TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
+# Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton); the
+# forward's adds SPLIT. tools/autotune_report.py names the keys of stored tunings by them.
+TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
                "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
+FWD_TUNING_KEY = [*TUNING_KEY, "SPLIT"]
 
 
 AUTOTUNE_ENV = "FASTFORMER_AUTOTUNE"
@@ -105,7 +107,7 @@ def autotuning_enabled() -> bool:
     return value == "1"
 
 
-def _autotune(tiles: list[tuple[int, int, int, int, int]], key: list[str] = _TUNING_KEY):
+def _autotune(tiles: list[tuple[int, int, int, int, int]], key: list[str] = TUNING_KEY):
     """triton.autotune over the tiles that fit each call: no longer than the sequences
     (decoding gets 16-row tiles) and wide enough for the head dims; only the first of them
     when autotuning_enabled() is false. The interpreter runs a single 16 x 16 tile."""
@@ -249,7 +251,7 @@ def _load_rows(BASE, rows, n, stride, cols, width):
 # ----------------------------------------------------------------------------------------
 
 
-@_autotune(_FWD_TILES, [*_TUNING_KEY, "SPLIT"])
+@_autotune(_FWD_TILES, FWD_TUNING_KEY)
 @triton.jit
 def _attention_fwd_kernel(
     Q,  # [B, Hq, L, D] queries, unit column stride

@@ -7,12 +7,15 @@
 #   tools/gpu_checks.sh large      tensors over 2^31 elements (FASTFORMER_TEST_LARGE=1)
 #   tools/gpu_checks.sh bench      `fastformer bench` (default run; results in benchmarks/results)
 #   tools/gpu_checks.sh core       the op, module and model tests on CUDA (no fuzzing), bounded
+#   tools/gpu_checks.sh tune       the attention benchmark with every tuning kept: each tile's time
+#                                  at each tuning key, summarised by tools/autotune_report.py
 #   tools/gpu_checks.sh all        build, core and bench in one call, each step time-bounded:
 #                                  what to run first where device time is short
 #
 # Logs go to $OUT (the device tool's output folder) or /tmp/fastformer-gpu. BUILD_S, CORE_S
-# and BENCH_S bound those stages (seconds; 0, the default, is no bound); the benchmark
-# writes its results after every suite, so a bounded run keeps the suites it finished.
+# and BENCH_S bound those stages (BENCH_S the tune stage too; seconds; 0, the default, is no
+# bound); the benchmark writes its results after every suite and Triton each tuning as it
+# ends, so a bounded run keeps what it finished. TUNE_FULL=1: tune over the --full sweep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/fastformer-gpu}"
@@ -63,6 +66,19 @@ core)
 		tests/test_nn.py tests/test_nn_transformer.py tests/test_models.py \
 		2>&1 | tee "$out/core.log" | tail -30
 	;;
+tune)
+	# Triton keeps each autotuning (every tried tile's times) in its cache directory as
+	# <kernel>.autotune.json when TRITON_CACHE_AUTOTUNING=1; the records, not the compiled
+	# kernels beside them, are copied to $out/autotune (one folder per record, as in the cache).
+	cache="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+	TRITON_CACHE_AUTOTUNING=1 FASTFORMER_AUTOTUNE=1 timeout "${BENCH_S:-0}" python -m fastformer bench \
+		--ops attention ${TUNE_FULL:+--full} --out "$out/tune-results" 2>&1 | tee "$out/tune.log" | tail -40
+	find "$cache" -name '*.autotune.json' 2>/dev/null | while read -r record; do
+		folder="$out/autotune/$(basename "$(dirname "$record")")"
+		mkdir -p "$folder" && cp "$record" "$folder/"
+	done
+	python tools/autotune_report.py "$out/autotune" --csv "$out/autotune.csv" | tee "$out/autotune.txt"
+	;;
 all)
 	# At most ALL_S seconds (default 570: one device call of 10 minutes). The build gets up
 	# to 240 s (nothing else can run without it), the tests up to 150 s while leaving the
@@ -77,7 +93,7 @@ all)
 	BENCH_S=$bench_s "$0" bench
 	;;
 *)
-	sed -n '2,15p' "$0"
+	sed -n '2,18p' "$0"
 	exit 2
 	;;
 esac
