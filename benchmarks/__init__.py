@@ -1,4 +1,5 @@
-"""fastformer's benchmarks: one shared harness (harness.py, report.py), one suite per op.
+"""fastformer's benchmarks: one shared harness (measure.py, harness.py, report.py), one
+suite per op.
 
     from fastformer_benchmarks import run
     run(["layer_norm_residual"], dtype="bf16", full=False)

@@ -53,11 +53,11 @@ from .harness import (
     Suite,
     Target,
     compiled,
-    dtype_name,
     input_sets,
     rotate,
     run_case,
 )
+from .measure import dtype_name
 
 OP = "scaled_dot_product_attention"
 PROVIDERS = [

@@ -49,11 +49,11 @@ from .harness import (
     Suite,
     Target,
     compiled,
-    dtype_name,
     input_sets,
     rotate,
     run_case,
 )
+from .measure import dtype_name
 
 OP = "layer_norm_residual"
 EPS = 1e-5

@@ -62,13 +62,12 @@ from .harness import (
     Result,
     Suite,
     Target,
-    activation_memory,
     compiled,
-    dtype_name,
     input_sets,
     rotate,
     run_case,
 )
+from .measure import activation_memory, dtype_name
 
 OP = "transformer"
 PROVIDERS = ["fastformer", "eager", "torch.compile", "fastformer (Seq2Seq)"]

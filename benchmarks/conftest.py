@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from .device import describe_device
-from .harness import Case, Context, device_peaks, parse_dtype
+from .harness import Case, Context
+from .measure import device_peaks, parse_dtype
 from .runner import BUDGET_S, DEFAULT_CPU_THREADS, SUITES, load_suite
 
 

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .device import DeviceInfo
-from .harness import Case, DevicePeaks, Measurement, Result, TargetOutcome, Timing
+from .harness import Case, Measurement, Result, TargetOutcome
+from .measure import DevicePeaks, Timing
 
 SCHEMA_VERSION = 1
 

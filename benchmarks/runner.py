@@ -25,16 +25,8 @@ from rich.progress import (
 
 from . import report
 from .device import describe_device, load_average
-from .harness import (
-    Context,
-    Result,
-    Suite,
-    device_peaks,
-    dtype_name,
-    failed_case,
-    parse_dtype,
-    peak_memory_method,
-)
+from .harness import Context, Result, Suite, failed_case
+from .measure import device_peaks, dtype_name, parse_dtype, peak_memory_method
 
 # Suite name (the op's name) -> module of this package holding SUITE.
 SUITES: dict[str, str] = {

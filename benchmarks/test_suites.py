@@ -22,9 +22,9 @@ from .harness import (
     Result,
     case_runner,
     record_timing,
-    timing_of_samples,
     warm_up,
 )
+from .measure import timing_of_samples
 from .runner import load_suite
 
 

@@ -20,14 +20,14 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def quick_settings(monkeypatch):
     """Tiny timing budgets and fixed device peaks for the runs of a test."""
-    from fastformer_benchmarks import harness, runner
+    from fastformer_benchmarks import measure, runner
 
     monkeypatch.setattr(runner, "BUDGET_S", {False: 0.02, True: 0.02})
-    monkeypatch.setattr(harness, "WARMUP_S", 0.01)
+    monkeypatch.setattr(measure, "WARMUP_S", 0.01)
     monkeypatch.setattr(
-        harness,
+        measure,
         "_measure_peaks",
-        lambda device, dtypes: harness.DevicePeaks(
+        lambda device, dtypes: measure.DevicePeaks(
             copy_gbps=10.0,
             copy_bytes=1 << 20,
             matmul_tflops={"float32": 0.1},
@@ -35,7 +35,7 @@ def quick_settings(monkeypatch):
             notes="smoke test: fixed peaks",
         ),
     )
-    monkeypatch.setattr(harness, "_PEAKS", {})
+    monkeypatch.setattr(measure, "_PEAKS", {})
 
 
 @pytest.fixture
@@ -208,7 +208,8 @@ def test_feed_forward_suite_runs_end_to_end(quick_run, monkeypatch):
 
 
 def _result(name: str, mode: str, ms: dict[str, float], saved: dict[str, int] | None = None):
-    from fastformer_benchmarks.harness import Case, Measurement, Result, Timing
+    from fastformer_benchmarks.harness import Case, Measurement, Result
+    from fastformer_benchmarks.measure import Timing
 
     measurements = []
     for provider, median in ms.items():
