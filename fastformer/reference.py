@@ -116,11 +116,14 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     dropout_mask: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> Tensor:
     """softmax(q @ k^T * scale + mask) @ v over inputs (..., L, E), (..., S, E), (..., S, Ev).
 
     - a boolean mask keeps the positions where it is True; a float mask is added;
       any shape that broadcasts to (..., L, S) is accepted;
+    - softcap > 0 (flash-attn's extension) caps the scaled scores before the mask:
+      softcap * tanh(q @ k^T * scale / softcap);
     - is_causal keeps key j for query i when j <= i (diagonal aligned to the upper left);
     - enable_gqa: key/value may have fewer heads (dim -3), query heads divisible by them;
     - a query row whose keys are all masked gives zeros (torch's math kernel gives NaN);
@@ -138,6 +141,8 @@ def scaled_dot_product_attention(
 
     acc = accumulation_dtype(query.dtype)
     scores = (query @ key.transpose(-2, -1)).to(acc) * scale  # (..., L, S)
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
     keep = None
     if is_causal:
         keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()

@@ -396,6 +396,105 @@ def test_bad_input_names_the_argument(change, error, message):
         fastformer.scaled_dot_product_attention(**arguments)
 
 
+def _flash_vs_reference(q, k, v, atol, *, causal=False, slopes=None, softcap=0.0) -> None:
+    """flash_attn_func's out, lse and gradients against the reference (the band, and an
+    ALiBi bias, as an explicit float mask) by the DESIGN.md rule."""
+    length, source, heads = q.shape[1], k.shape[1], q.shape[2]
+    rows = torch.arange(length)[:, None] + source - length
+    cols = torch.arange(source)[None, :]
+    hidden = (cols > rows) if causal else torch.zeros(length, source, dtype=torch.bool)
+    distance = (rows - cols).abs().double()
+    bias = torch.zeros(1, heads, length, source, dtype=torch.float64)
+    if slopes is not None:
+        bias = -slopes.double().reshape(-1, heads)[:, :, None, None].cpu() * distance
+    mask = bias.masked_fill(hidden, float("-inf")).to(q.device)
+    generator = torch.Generator().manual_seed(4)
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=generator).to(q.device)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        out.backward(grad_out.to(out.dtype))
+        grads = {f"grad_{n}": t.grad for n, t in zip("qkv", leaves, strict=True)}
+        return {"out": out.detach(), "lse": lse.detach().double(), **grads}
+
+    def fast(q, k, v):
+        return fastformer.flash_attn_func(
+            q, k, v, causal=causal, alibi_slopes=slopes, softcap=softcap, return_lse=True
+        )
+
+    def ref(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        float_mask = mask.to(torch.promote_types(q.dtype, torch.float32))
+        out = reference.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=float_mask, enable_gqa=True, softcap=softcap
+        )
+        scores = qt.double() @ kt.double().repeat_interleave(heads // kt.shape[1], 1).mT
+        scores = scores / q.shape[-1] ** 0.5
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        lse = torch.logsumexp(scores + mask.double(), dim=-1)
+        return out.transpose(1, 2), lse
+
+    fast_results = run(fast, q.dtype)
+    ref64 = run(ref, torch.float64)
+    same = run(ref, q.dtype)
+    # The lse is float32 by contract: compared at float32's precision whatever the inputs.
+    torch.testing.assert_close(fast_results.pop("lse"), ref64.pop("lse"), rtol=0, atol=1e-4)
+    same.pop("lse")
+    assert_all_close_to_reference(fast_results, same, ref64, atol)
+
+
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize("slopes_shape", ["heads", "batch_heads"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(9, 23), (23, 9)], ids=str)
+def test_flash_attn_func_alibi(kernels, device, impl, dtype, atol, slopes_shape, causal, lengths):
+    """alibi_slopes (H,) or (B, H): -slope * |i + S - L - j| added to the scores, through the
+    kernels as a float mask."""
+    generator = torch.Generator().manual_seed(5)
+    length, source = lengths
+    q = _randn(2, length, 4, 32, dtype=dtype, device=device, generator=generator)
+    k, v = (_randn(2, source, 2, 32, dtype=dtype, device=device, generator=generator) for _ in "kv")
+    shape = (4,) if slopes_shape == "heads" else (2, 4)
+    slopes = (torch.rand(shape, generator=generator) * 0.5).to(device)
+    _flash_vs_reference(q, k, v, atol, causal=causal, slopes=slopes)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_softcap_runs_the_reference_and_says_so(causal, monkeypatch):
+    """softcap: softcap * tanh(scores / softcap), through the reference's math (the kernels
+    have none): warned about (once per op) and counted by fastformer.info(); with ALiBi too."""
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 7, 4, 16, generator=generator) * 3  # scores large enough to be capped
+    k, v = (torch.randn(2, 11, 2, 16, generator=generator) for _ in "kv")
+    monkeypatch.setattr(fastformer.backend, "_warned", set())
+    before = fastformer.info()["fallback_calls"].get("scaled_dot_product_attention", 0)
+    with pytest.warns(UserWarning, match="softcap is not in the kernels"):
+        _flash_vs_reference(q, k, v, 1e-5, causal=causal, softcap=2.0)
+    _flash_vs_reference(q, k, v, 1e-5, causal=causal, softcap=2.0, slopes=torch.rand(4))
+    after = fastformer.info()["fallback_calls"]["scaled_dot_product_attention"]
+    assert after == before + 2
+
+
+@requires_extension
+def test_flash_attn_func_takes_flash_attns_arguments_in_its_order():
+    """flash_attn.flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size,
+    softcap, alibi_slopes, deterministic, return_attn_probs), positionally; deterministic
+    backward passes are bitwise equal; return_attn_probs gives (out, lse, None)."""
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=generator).requires_grad_() for _ in "qkv")
+    grads = []
+    for _ in range(2):
+        out = fastformer.flash_attn_func(q, k, v, 0.0, 0.3, True, (4, -1), 0.0, None, True)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    result = fastformer.flash_attn_func(q, k, v, 0.0, 0.3, True, (4, -1), 0.0, None, True, True)
+    out, lse, probs = result
+    assert probs is None and lse.shape == (2, 2, 9) and lse.dtype == torch.float32
+    assert torch.equal(out, fastformer.flash_attn_func(q, k, v, 0.0, 0.3, True, (4, -1)))
+
+
 def test_flash_attn_func_bad_input():
     q = torch.ones(2, 4, 3, 8)
     with pytest.raises(ValueError, match="q must be 4-D"):
@@ -404,6 +503,14 @@ def test_flash_attn_func_bad_input():
         fastformer.flash_attn_func(q, q, q, window_size=(-2, 0))
     with pytest.raises(ValueError, match="head count dividing"):
         fastformer.flash_attn_func(q, torch.ones(2, 4, 2, 8), torch.ones(2, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[3\] or \[2, 3\]"):
+        fastformer.flash_attn_func(q, q, q, alibi_slopes=torch.ones(4))
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a torch\.Tensor"):
+        fastformer.flash_attn_func(q, q, q, alibi_slopes=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        fastformer.flash_attn_func(q, q, q, softcap=-1.0)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        fastformer.flash_attn_func(q, q, q, deterministic=None)
 
 
 @requires_extension

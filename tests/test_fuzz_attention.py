@@ -235,6 +235,7 @@ class FlashCase:
     causal: bool
     window: tuple[int, int]  # (left, right), -1: unbounded
     softmax_scale: float | None
+    alibi: str  # "none", "heads": slopes (Hq,), or "batch_heads": (B, Hq)
     return_lse: bool
     layouts: tuple[Layout, Layout, Layout]  # of the (B, L, H, D) tensors
     broadcast_grad: bool
@@ -263,6 +264,7 @@ def flash_cases(draw: st.DrawFn, *, interpreter: bool) -> FlashCase:
         causal=draw(st.booleans()),
         window=(draw(side), draw(side)),
         softmax_scale=draw(scales(head_dim, value_dim)),
+        alibi=draw(st.sampled_from(["none", "heads", "batch_heads"])),
         # The log-sum-exp is float32 by contract: float64 tolerances do not apply to it.
         return_lse=dtype != torch.float64 and draw(st.booleans()),
         layouts=tuple(draw(layouts(4)) for _ in range(3)),
@@ -285,22 +287,39 @@ def _visible(case: FlashCase) -> Tensor:
     return visible
 
 
-def _reference_flash(case: FlashCase) -> Call:
-    """flash_attn_func through reference.scaled_dot_product_attention with the band as a
-    mask, and the log-sum-exp of the scores as the reference computes them."""
+def _alibi_slopes(case: FlashCase, generator: torch.Generator) -> Tensor | None:
+    """Slopes in [0, 0.5) of shape (Hq,) or (B, Hq), as case.alibi says; None without."""
+    shape = {"heads": (case.heads[0],), "batch_heads": (case.batch, case.heads[0])}
+    if case.alibi == "none":
+        return None
+    return torch.rand(shape[case.alibi], generator=generator) * 0.5
+
+
+def _reference_flash(case: FlashCase, slopes: Tensor | None) -> Call:
+    """flash_attn_func through reference.scaled_dot_product_attention with the band (and
+    the ALiBi bias -slope * |i + S - L - j|) as a mask, and the log-sum-exp of the scores
+    as the reference computes them."""
     visible = _visible(case)
     groups = case.heads[0] // case.heads[1]
+    bias = None
+    if slopes is not None:
+        rows = torch.arange(case.length)[:, None] + case.source - case.length
+        distance = (rows - torch.arange(case.source)[None, :]).abs()
+        bias = -slopes.double().reshape(-1, case.heads[0])[:, :, None, None] * distance
 
     def call(t: Inputs) -> dict[str, Tensor]:
         q, k, v = (t[name].transpose(1, 2) for name in ("q", "k", "v"))  # (B, H, L, D)
+        acc = reference.accumulation_dtype(q.dtype)
+        mask = visible if bias is None else bias.to(acc).masked_fill(~visible, float("-inf"))
         out = reference.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible, scale=case.softmax_scale, enable_gqa=True
+            q, k, v, attn_mask=mask, scale=case.softmax_scale, enable_gqa=True
         )
         results = {"out": out.transpose(1, 2)}
         if case.return_lse:
             scale = case.softmax_scale or 1.0 / math.sqrt(case.head_dim)
             k = k.repeat_interleave(groups, dim=1)
-            scores = (q @ k.transpose(-2, -1)).to(reference.accumulation_dtype(q.dtype)) * scale
+            scores = (q @ k.transpose(-2, -1)).to(acc) * scale
+            scores = scores if bias is None else scores + bias.to(acc)
             lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
             # Compared, not backpropagated: test_triton_lse_gradient checks its gradient.
             results["lse"] = lse.detach()
@@ -317,6 +336,7 @@ def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float 
         "k": randn((batch, case.source, kv_heads, case.head_dim), dtype, generator, k_layout),
         "v": randn((batch, case.source, kv_heads, case.value_dim), dtype, generator, v_layout),
     }
+    slopes = _alibi_slopes(case, generator)
 
     def fast(t: Inputs) -> dict[str, Tensor]:
         result = fastformer.flash_attn_func(
@@ -327,6 +347,7 @@ def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float 
             softmax_scale=case.softmax_scale,
             causal=case.causal,
             window_size=case.window,
+            alibi_slopes=slopes,
             return_lse=case.return_lse,
         )
         if not case.return_lse:
@@ -337,7 +358,7 @@ def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float 
     return Problem(
         inputs,
         fast,
-        _reference_flash(case),
+        _reference_flash(case, slopes),
         ["q", "k", "v"],
         dtype,
         may_be_neginf=("lse",) if case.return_lse else (),

@@ -16,6 +16,7 @@ is bottom-right aligned, diagonal_offset = S - L.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -427,14 +428,31 @@ def flash_attn_func(
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """flash_attn.flash_attn_func: q (B, L, Hq, D), k (B, S, Hkv, D), v (B, S, Hkv, Dv).
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
+    """flash_attn.flash_attn_func, its arguments in its order: q (B, L, Hq, D),
+    k (B, S, Hkv, D), v (B, S, Hkv, Dv).
 
-    causal aligns the diagonal to the bottom right (query i sees keys up to i + S - L, the
-    KV-cache convention); window_size (left, right) limits each query to keys within that
-    many positions of its diagonal (-1: unbounded); Hkv may divide Hq (GQA/MQA).
-    Returns out (B, L, Hq, Dv), and with return_lse the log-sum-exp (B, Hq, L) in float32.
+    - causal aligns the diagonal to the bottom right (query i sees keys up to i + S - L,
+      the KV-cache convention); window_size (left, right) limits each query to keys within
+      that many positions of its diagonal (-1: unbounded); Hkv may divide Hq (GQA/MQA).
+    - softcap > 0 caps the scaled scores: softcap * tanh(s / softcap). fastformer's kernels
+      do not: such calls run fastformer/reference.py's math in PyTorch (counted by
+      fastformer.info(), warned about once).
+    - alibi_slopes, (Hq,) or (B, Hq): adds -slope * |i + S - L - j| to the score of query i
+      and key j. The kernels take it as a float32 mask (float64 for float64 inputs) of
+      (B or 1, Hq, L, S), materialised: 4 * Hq * L * S bytes per row of slopes.
+      alibi_slopes gets no gradient (nor in flash-attn).
+    - deterministic: accepted; fastformer's backward is always deterministic (no atomics).
+    - return_attn_probs: returns (out, lse, None); the attention probabilities, which
+      flash-attn returns for testing only, are not materialised.
+    Returns out (B, L, Hq, Dv); with return_lse (out, lse), the log-sum-exp (B, Hq, L) in
+    float32.
     """
     name = "flash_attn_func"
     for arg, tensor in (("q", q), ("k", k), ("v", v)):
@@ -446,9 +464,17 @@ def flash_attn_func(
             )
     _checks.check_same_device(name, "q", q, k=k, v=v)
     dropout_p = _checks.check_probability(name, "dropout_p", dropout_p)
-    _checks.check_bool(name, "causal", causal)
+    for flag, value in (
+        ("causal", causal),
+        ("deterministic", deterministic),
+        ("return_attn_probs", return_attn_probs),
+        ("return_lse", return_lse),
+    ):
+        _checks.check_bool(name, flag, value)
     if softmax_scale is not None:
         _checks.check_positive(name, "softmax_scale", softmax_scale)
+    if softcap != 0.0:
+        softcap = _checks.check_positive(name, "softcap", softcap)
     if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
         raise ValueError(f"{name}: window_size must be (left, right) ints >= -1, got {window_size}")
     if k.shape[:-1] != v.shape[:-1] or k.shape[0] != q.shape[0]:
@@ -462,7 +488,11 @@ def flash_attn_func(
             f"{name}: k must have q's head_dim and a head count dividing q's, "
             f"got q {list(q.shape)} and k {list(k.shape)}"
         )
-    length, source = q.shape[1], k.shape[1]
+    batch, length, heads, _ = q.shape
+    source = k.shape[1]
+    bias = None
+    if alibi_slopes is not None:
+        bias = _alibi_bias(name, alibi_slopes, q, source)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     window_left, window_right = window_size
     if causal:
@@ -471,20 +501,45 @@ def flash_attn_func(
     # (B, L, H, D) -> (B, H, L, D): views; the kernels take any strides but the last.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     band = (scale, dropout_p, diagonal_offset, window_left, window_right)
-    if 0 in (
-        q.numel(),
-        k.numel(),
-        v.numel(),
-    ):  # nothing to attend: see scaled_dot_product_attention
-        out, lse = _banded_attention_torch(qt, kt, vt, *band, attend=reference_attention)
-    elif _falls_back(q, k, v, None):
-        out, lse = _banded_attention_torch(qt, kt, vt, *band)
-    else:
-        out, lse = _attend(
-            qt, kt, vt, None, scale, dropout_p, diagonal_offset, window_left, window_right
+    empty = 0 in (q.numel(), k.numel(), v.numel())
+    if empty:  # nothing to attend: see scaled_dot_product_attention
+        out, lse = _banded_attention_torch(
+            qt, kt, vt, *band, bias=bias, softcap=softcap, attend=reference_attention
         )
+    elif softcap > 0.0:
+        backend.note_fallback(
+            OP, q.device, q.dtype, reason="flash_attn_func's softcap is not in the kernels"
+        )
+        out, lse = _banded_attention_torch(qt, kt, vt, *band, bias=bias, softcap=softcap)
+    elif _falls_back(q, k, v, bias):
+        out, lse = _banded_attention_torch(qt, kt, vt, *band, bias=bias)
+    else:
+        mask = None if bias is None else bias.expand(batch, heads, length, source)
+        out, lse = _attend(qt, kt, vt, mask, *band)
     out = out.transpose(1, 2)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def _alibi_bias(name: str, slopes: object, q: Tensor, source: int) -> Tensor:
+    """flash-attn's ALiBi bias -slope * |i + S - L - j| for query i and key j, as a
+    (B or 1, Hq, L, S) tensor without gradient, from slopes of shape (Hq,) or (B, Hq): in
+    float32 (float64 for float64 inputs), whatever q's dtype, as flash-attn computes it."""
+    batch, length, heads, _ = q.shape
+    _checks.check_tensor(name, "alibi_slopes", slopes)
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"{name}: alibi_slopes must have shape [{heads}] or [{batch}, {heads}] "
+            f"(heads, or batch x heads), got {list(slopes.shape)}"
+        )
+    _checks.check_same_device(name, "q", q, alibi_slopes=slopes)
+    rows = torch.arange(length, device=q.device)[:, None] + (source - length)
+    cols = torch.arange(source, device=q.device)[None, :]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    distance = (rows - cols).abs().to(dtype)  # (L, S)
+    per_head = slopes.detach().to(dtype).reshape(-1, heads)  # (B or 1, Hq)
+    return -per_head[:, :, None, None] * distance
 
 
 def _banded_attention_torch(
@@ -496,11 +551,16 @@ def _banded_attention_torch(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
+    *,
+    bias: Tensor | None = None,
+    softcap: float = 0.0,
     attend: Callable[..., Tensor] = torch_sdpa,
 ) -> tuple[Tensor, Tensor]:
     """The same banded attention through torch's function (or `attend`, with its
     signature), for calls the kernels do not take; the band becomes an explicit (L, S)
-    boolean mask."""
+    boolean mask, or with a bias (broadcast to (B, H, L, S)) a float one. softcap and the
+    bias go through the reference's math: torch's function has no softcap, and with a float
+    mask it gives NaN rather than zeros for a row that sees no key."""
     length, source = q.shape[-2], k.shape[-2]
     rows = torch.arange(length, device=q.device)[:, None] + diagonal_offset
     cols = torch.arange(source, device=q.device)[None, :]
@@ -510,9 +570,15 @@ def _banded_attention_torch(
     if window_right >= 0:
         visible &= cols <= rows + window_right
     groups = q.shape[1] // k.shape[1] if k.shape[1] else 1
-    out = attend(
-        q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=scale, enable_gqa=groups > 1
-    )
+    mask = visible
+    if bias is not None or softcap > 0.0:
+        mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
+        attend = functools.partial(reference_attention, softcap=softcap)
+    out = attend(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=groups > 1)
     scores = (q.float() @ k.repeat_interleave(groups, dim=1).float().transpose(-2, -1)) * scale
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return out, lse
