@@ -296,6 +296,33 @@ def test_torch_compile_fullgraph(kernels, device, impl, dtype, atol):
 
 
 @pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES[:1])
+def test_flash_attn_func_torch_compile_fullgraph_with_alibi(kernels, device, impl, dtype, atol):
+    """flash_attn_func with ALiBi slopes, causal and a window under torch.compile
+    (fullgraph): the bias is built in the graph, the kernels run as custom ops."""
+    torch._dynamo.reset()
+    slopes = torch.tensor([0.25, 0.0625], device=device)
+
+    def attend(q, k, v):
+        out = fastformer.flash_attn_func(
+            q, k, v, causal=True, window_size=(5, -1), alibi_slopes=slopes
+        )
+        return out.square().sum()
+
+    generator = torch.Generator().manual_seed(9)
+    inputs = [
+        _randn(2, n, 2, 16, dtype=dtype, device=device, generator=generator) for n in (11, 19, 19)
+    ]
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in leaves)])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES[:1])
 def test_patch_sdpa_reaches_torch_nn_modules(kernels, device, impl, dtype, atol):
     torch.manual_seed(6)
     layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True).to(device)

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fastformer_kernels.attention import FWD_TUNING_KEY, TUNING_KEY
+from rich.console import Console
+from rich.table import Table
 
 # The autotuned kernels and the names of their tuning keys; Triton appends the dtype of every
 # tensor argument.
@@ -132,15 +134,19 @@ def summarize(tunings: Sequence[Tuning]) -> dict[str, list[TileSummary]]:
 
 
 def print_summary(summaries: dict[str, list[TileSummary]], tunings: Sequence[Tuning]) -> None:
-    counts = defaultdict(int)
-    for tuning in tunings:
-        counts[tuning.kernel] += 1
+    console = Console(width=100)
     for kernel, tiles in summaries.items():
-        print(f"{kernel}: {counts[kernel]} tuning keys")
-        print(f"  {'tile':<18} {'wins':>11} {'vs best':>8}")
+        keys = sum(tuning.kernel == kernel for tuning in tunings)
+        console.print(f"{kernel}: {keys} tuning keys")
+        table = Table()
+        table.add_column("tile")
+        table.add_column("wins", justify="right")
+        table.add_column("vs best", justify="right")
         for summary in tiles:
-            wins = f"{summary.wins}/{summary.tried}"
-            print(f"  {summary.tile!s:<18} {wins:>11} {summary.vs_best:>8.2f}")
+            table.add_row(
+                str(summary.tile), f"{summary.wins}/{summary.tried}", f"{summary.vs_best:.2f}"
+            )
+        console.print(table)
 
 
 def write_csv(path: Path, tunings: Sequence[Tuning]) -> None:
