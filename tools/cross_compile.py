@@ -19,8 +19,9 @@ registers per thread and spilled bytes (from ptxas -v), shared memory, compile t
 Exit status 1 when a check fails.
 
 The cases (--set): "ci" covers each kernel's code paths once (bf16 head dims 40, 64, 128,
-256; masks, causal, dropout, the half-precision residual; fp16; fp32's IEEE products) at a
-long sequence, where every tile is a candidate, and a decoding step (the split forward);
+256; masks, flash_attn_func's float32 ALiBi bias among them, causal, dropout, the
+half-precision residual; fp16; fp32's IEEE products) at a long sequence, where every tile
+is a candidate, and a decoding step (the split forward);
 "full" crosses bf16 with every supported head dim and variant (windows too), a value head
 dim that differs and decoding (L = 1), and adds fp16 at every head dim and fp32 at 64, 128
 and 256.
@@ -227,9 +228,13 @@ def _attention_case(
             mask = torch.empty(1, 1, 1, source, dtype=dtype).expand(1, 2, length, source)
         elif variant == "bool mask":
             mask = torch.empty(1, 1, length, source, dtype=torch.bool).expand(1, 2, length, source)
+        elif variant == "alibi":  # flash_attn_func's ALiBi: a float32 bias per head, causal
+            mask = torch.empty(1, 2, length, source, dtype=torch.float32).expand(1, 2, -1, -1)
         dropout_p = 0.1 if variant == "dropout" else 0.0
         seed = torch.zeros(1, dtype=torch.int64)
-        left, right = {"causal": (-1, 0), "window": (128, 0)}.get(variant, (-1, -1))
+        left, right = {"causal": (-1, 0), "window": (128, 0), "alibi": (-1, 0)}.get(
+            variant, (-1, -1)
+        )
         offset = source - length
         forward = attention_forward(
             q, k, v, mask, seed, head_dim**-0.5, dropout_p, offset, left, right, True
@@ -321,7 +326,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
         # head dims that pick different tiles, a padded one, and fp32's IEEE dot products.
         for d in (40, 64, 128, 256):
             attention("bf16", d, "plain")
-        for variant in ("causal", "float mask", "bool mask", "dropout"):
+        for variant in ("causal", "float mask", "bool mask", "dropout", "alibi"):
             attention("bf16", 128, variant)
         attention("fp16", 128, "plain")
         attention("bf16", 128, "causal", length=1)  # decoding: the split forward and its combine
@@ -333,7 +338,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
         return found
     # bf16 in full; fp16 differs from it only by the dtype, so its plain variant per head
     # dim; fp32 (IEEE products on the FMA units) at the common head dims.
-    variants = ("plain", "causal", "float mask", "bool mask", "dropout", "window")
+    variants = ("plain", "causal", "float mask", "bool mask", "dropout", "window", "alibi")
     for d in (16, 32, 40, 64, 80, 96, 112, 128, 160, 192, 256):
         for variant in variants if d in (40, 64, 128, 256) else ("plain", "causal"):
             attention("bf16", d, variant)
