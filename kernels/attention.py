@@ -90,7 +90,7 @@ MAX_SPLIT_LENGTH, MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS = 16, 256, 64
 # Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton); the
 # forward's adds SPLIT. tools/autotune_report.py names the keys of stored tunings by them.
 TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
-               "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
+              "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
 FWD_TUNING_KEY = [*TUNING_KEY, "SPLIT"]
 
 
