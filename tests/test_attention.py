@@ -274,6 +274,19 @@ def test_head_dims(kernels, device, impl, dtype, atol, head_dim):
     _check(tensors, atol, is_causal=True)
 
 
+def _assert_compiles_like_eager(attend, inputs: list[torch.Tensor]) -> None:
+    """attend(*inputs), a scalar loss, and its gradients equal under
+    torch.compile(fullgraph=True) (aot_eager: the ops' fake kernels and autograd traced)."""
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in leaves)])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
 @pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
 def test_torch_compile_fullgraph(kernels, device, impl, dtype, atol):
     torch._dynamo.reset()
@@ -285,14 +298,7 @@ def test_torch_compile_fullgraph(kernels, device, impl, dtype, atol):
     inputs = [
         _randn(2, 2, 17, 32, dtype=dtype, device=device, generator=generator) for _ in range(3)
     ]
-    results = []
-    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach(), *(t.grad for t in leaves)])
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager)
+    _assert_compiles_like_eager(attend, inputs)
 
 
 @pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES[:1])
@@ -312,14 +318,7 @@ def test_flash_attn_func_torch_compile_fullgraph_with_alibi(kernels, device, imp
     inputs = [
         _randn(2, n, 2, 16, dtype=dtype, device=device, generator=generator) for n in (11, 19, 19)
     ]
-    results = []
-    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach(), *(t.grad for t in leaves)])
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager)
+    _assert_compiles_like_eager(attend, inputs)
 
 
 @pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES[:1])
