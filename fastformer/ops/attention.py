@@ -534,12 +534,16 @@ def _alibi_bias(name: str, slopes: object, q: Tensor, source: int) -> Tensor:
             f"(heads, or batch x heads), got {list(slopes.shape)}"
         )
     _checks.check_same_device(name, "q", q, alibi_slopes=slopes)
-    rows = torch.arange(length, device=q.device)[:, None] + (source - length)
-    cols = torch.arange(source, device=q.device)[None, :]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    distance = (rows - cols).abs().to(dtype)  # (L, S)
+    distance = _key_offsets(length, source, source - length, q.device).abs().to(dtype)
     per_head = slopes.detach().to(dtype).reshape(-1, heads)  # (B or 1, Hq)
     return -per_head[:, :, None, None] * distance
+
+
+def _key_offsets(length: int, source: int, diagonal_offset: int, device: torch.device) -> Tensor:
+    """(L, S): j - (i + diagonal_offset), where key j lies from query i's diagonal."""
+    diagonal = torch.arange(length, device=device)[:, None] + diagonal_offset
+    return torch.arange(source, device=device)[None, :] - diagonal
 
 
 def _banded_attention_torch(
@@ -561,18 +565,15 @@ def _banded_attention_torch(
     boolean mask, or with a bias (broadcast to (B, H, L, S)) a float one. softcap and the
     bias go through the reference's math: torch's function has no softcap, and with a float
     mask it gives NaN rather than zeros for a row that sees no key."""
-    length, source = q.shape[-2], k.shape[-2]
-    rows = torch.arange(length, device=q.device)[:, None] + diagonal_offset
-    cols = torch.arange(source, device=q.device)[None, :]
-    visible = torch.ones(length, source, dtype=torch.bool, device=q.device)
+    offsets = _key_offsets(q.shape[-2], k.shape[-2], diagonal_offset, q.device)
+    visible = torch.ones_like(offsets, dtype=torch.bool)
     if window_left >= 0:
-        visible &= cols >= rows - window_left
+        visible &= offsets >= -window_left
     if window_right >= 0:
-        visible &= cols <= rows + window_right
+        visible &= offsets <= window_right
     groups = q.shape[1] // k.shape[1] if k.shape[1] else 1
-    mask = visible
+    mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
     if bias is not None or softcap > 0.0:
-        mask = visible if bias is None else bias.masked_fill(~visible, float("-inf"))
         attend = functools.partial(reference_attention, softcap=softcap)
     out = attend(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=groups > 1)
     scores = (q.float() @ k.repeat_interleave(groups, dim=1).float().transpose(-2, -1)) * scale
