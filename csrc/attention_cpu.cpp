@@ -4,7 +4,8 @@
 // The maths, masks, band, dropout draws and saved statistics are those of the Triton kernels
 // (kernels/attention.py states them), so both backends give the same results, dropout
 // masks included. For query i of head h and key j, in base 2:
-//   s_ij = log2(e) * (scale * q_i . k_j + mask_ij), -inf where hidden (bool mask, band)
+//   s_ij = log2(e) * (scale * q_i . k_j + mask_ij - slope_bh * |j - (i + offset)|), -inf
+//          where hidden (bool mask, band); the ALiBi term only with alibi_slopes
 //   m_i = max_j s_ij,  l_i = sum_j exp2(s_ij - m_i),  out_i = sum_j exp2(s_ij - m_i) z_ij v_j / l_i
 // with z_ij the dropout multiplier (keep / (1 - p)), drawn from Philox at offset
 // ((b * Hq + h) * L + i) * S + j (philox.h). stats keeps (m_i, log2 l_i) per row.
@@ -140,11 +141,12 @@ inline bool bool_hidden(const char* row, int64_t sn, int64_t j) {
 }
 
 // One row of a score tile: scaled dot products s[0, n) (log2(e) * scale * q_i . k_j, the
-// tile product's alpha) of query i with keys j0 + [0, n) become masked base-2 scores.
-// Returns the row's visible range within the tile, [vis_lo, vis_hi).
+// tile product's alpha) of query i with keys j0 + [0, n) become masked base-2 scores, with
+// the ALiBi bias -alibi * |j - (i + offset)| when alibi (the head's slope times log2(e)) is
+// not 0. Returns the row's visible range within the tile, [vis_lo, vis_hi).
 template <typename T>
 std::pair<int64_t, int64_t> score_row(T* s, int64_t n, const Mask& mask, const char* mask_row,
-                                      const Band& band, int64_t i, int64_t j0) {
+                                      const Band& band, T alibi, int64_t i, int64_t j0) {
   const char* m = mask_row == nullptr ? nullptr : mask_row + j0 * mask.sn * mask.item;
   switch (mask.kind) {
     case Mask::kNone: break;
@@ -157,6 +159,12 @@ std::pair<int64_t, int64_t> score_row(T* s, int64_t n, const Mask& mask, const c
     case Mask::kDouble: add_mask<T, double>(s, n, m, mask.sn); break;
     case Mask::kHalf: add_mask<T, at::Half>(s, n, m, mask.sn); break;
     case Mask::kBFloat16: add_mask<T, at::BFloat16>(s, n, m, mask.sn); break;
+  }
+  if (alibi != T(0)) {  // a slope of 0 adds nothing; NaN or inf ones apply (as at the reference)
+    const int64_t diagonal = i + band.offset - j0;  // the tile column of query i's diagonal
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] -= alibi * static_cast<T>(std::abs(j - diagonal));
+    }
   }
   const int64_t vis_lo = std::clamp<int64_t>(band.lo(i) - j0, 0, n);
   const int64_t vis_hi = std::clamp<int64_t>(band.hi(i) - j0, vis_lo, n);
@@ -324,10 +332,33 @@ struct Problem {
   Band band;
   Mask mask;
   Dropout dropout;
+  std::vector<double> alibi;  // ALiBi slope of head (b, h) at b * Hq + h; empty without
+
+  // The ALiBi slope of head (b, h) in base-2 score units (0 without ALiBi): score_row's alibi.
+  template <typename T>
+  T alibi_base2(int64_t b, int64_t h) const {
+    return alibi.empty() ? T(0) : static_cast<T>(alibi[b * Hq + h] * kLog2e);
+  }
 };
 
+// The slopes (B, Hq), any strides (0 where broadcast) and floating dtype, as Problem::alibi.
+std::vector<double> alibi_slopes_of(const char* op, const std::optional<Tensor>& slopes,
+                                    int64_t B, int64_t Hq) {
+  if (!slopes.has_value() || !slopes->defined()) {
+    return {};
+  }
+  TORCH_CHECK(slopes->dim() == 2 && slopes->size(0) == B && slopes->size(1) == Hq &&
+                  slopes->is_floating_point() && slopes->device().is_cpu(),
+              op, ": alibi_slopes must be a floating-point CPU tensor broadcast to (B, Hq) = (",
+              B, ", ", Hq, "), got ", slopes->scalar_type(), " ", slopes->sizes());
+  const Tensor values = slopes->to(at::kDouble).contiguous();
+  const double* data = values.data_ptr<double>();
+  return std::vector<double>(data, data + B * Hq);
+}
+
 Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                   const std::optional<Tensor>& mask, const std::optional<Tensor>& seed,
+                   const std::optional<Tensor>& mask,
+                   const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& seed,
                    double scale, double dropout_p, int64_t diagonal_offset, int64_t window_left,
                    int64_t window_right) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
@@ -355,7 +386,7 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
   }
   Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tile_shape(L, S), scale,
             Band{diagonal_offset, window_left, window_right, L, S}, Mask::of(mask),
-            make_dropout(op, seed, dropout_p)};
+            make_dropout(op, seed, dropout_p), alibi_slopes_of(op, alibi_slopes, B, Hq)};
   return p;
 }
 
@@ -385,6 +416,7 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
   const int64_t key_lo = p.band.lo(i0);
   const int64_t key_hi = std::max(key_lo, p.band.hi(i0 + rows - 1));
   const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of lse, stats
+  const T alibi = p.alibi_base2<T>(b, h);
   T* m_i = row_stats.data();
   T* l_i = row_stats.data() + block_m;
   std::fill(m_i, m_i + rows, -std::numeric_limits<T>::infinity());
@@ -403,7 +435,7 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
       const int64_t i = i0 + r;
       T* s = tile.data() + r * block_n;
       const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i);
-      score_row<T>(s, n, p.mask, mask_row, p.band, i, j0);
+      score_row<T>(s, n, p.mask, mask_row, p.band, alibi, i, j0);
       // std::max keeps a NaN m_i (NaN < x is false), so a NaN row stays NaN.
       const T m_new = std::max(m_i[r], row_max(s, n));
       // A row that sees no key yet keeps m = -inf; shifting by 0 avoids -inf - -inf.
@@ -450,10 +482,10 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
 
 std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
-    const std::optional<Tensor>& seed, double scale, double dropout_p, int64_t diagonal_offset,
-    int64_t window_left, int64_t window_right) {
-  const Problem p = problem_of(kFwd, q, k, v, mask, seed, scale, dropout_p, diagonal_offset,
-                               window_left, window_right);
+    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& seed, double scale,
+    double dropout_p, int64_t diagonal_offset, int64_t window_left, int64_t window_right) {
+  const Problem p = problem_of(kFwd, q, k, v, mask, alibi_slopes, seed, scale, dropout_p,
+                               diagonal_offset, window_left, window_right);
   const auto dtype = q.scalar_type();
   Tensor out = empty_in_layout_of(q, {p.B, p.Hq, p.L, p.DV}, dtype);
   Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options());
@@ -510,6 +542,7 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
   const T qk_scale = static_cast<T>(p.scale * kLog2e);
   const T scale = static_cast<T>(p.scale);
   const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of stats
+  const T alibi = p.alibi_base2<T>(b, h);
   const T* dout = grad_out.at(b, h, i0);
   gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
           T(0), t.p.data(), ld);
@@ -518,7 +551,8 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
   for (int64_t r = 0; r < rows; ++r) {
     T* s = t.p.data() + r * ld;
     const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i0 + r);
-    std::tie(vis_lo[r], vis_hi[r]) = score_row<T>(s, n, p.mask, mask_row, p.band, i0 + r, j0);
+    std::tie(vis_lo[r], vis_hi[r]) = score_row<T>(s, n, p.mask, mask_row, p.band, alibi, i0 + r,
+                                                 j0);
     T row_max_value = stats[(row0 + r) * 2];
     T log2_sum = stats[(row0 + r) * 2 + 1];
     if (row_max_value == -std::numeric_limits<T>::infinity()) {  // fully masked: p = 0
@@ -595,10 +629,10 @@ void rows_delta(const Heads<const T>& grad_out, const Heads<const T>& out, const
 std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& stats, const std::optional<Tensor>& grad_lse, const std::optional<Tensor>& mask,
-    const std::optional<Tensor>& seed, double scale, double dropout_p, int64_t diagonal_offset,
-    int64_t window_left, int64_t window_right) {
-  const Problem p = problem_of(kBwd, q, k, v, mask, seed, scale, dropout_p, diagonal_offset,
-                               window_left, window_right);
+    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& seed, double scale,
+    double dropout_p, int64_t diagonal_offset, int64_t window_left, int64_t window_right) {
+  const Problem p = problem_of(kBwd, q, k, v, mask, alibi_slopes, seed, scale, dropout_p,
+                               diagonal_offset, window_left, window_right);
   const auto dtype = q.scalar_type();
   const std::vector<int64_t> out_shape{p.B, p.Hq, p.L, p.DV};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) &&

@@ -56,7 +56,9 @@ TORCH_LIBRARY(fastformer, m) {
   // _bwd (fastformer/ops/attention.py) run for CPU tensors unless Triton's interpreter is
   // switched on. q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides, Hkv
   // dividing Hq; mask broadcast to (B, Hq, L, S) by its strides (bool keeps where
-  // true, float is added to the scores). Key j is visible to query i iff
+  // true, float is added to the scores); alibi_slopes (B, Hq), any strides, adds
+  // -slope * |j - (i + diagonal_offset)| to the score of query i and key j. Key j is visible
+  // to query i iff
   //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
   // (a negative side is unbounded). Returns out (B, Hq, L, Dv), lse (B, Hq, L) and stats
   // (B, Hq, L, 2) = (row max, log2 row sum) of the base-2 scores, all in q's dtype (out laid
@@ -64,14 +66,14 @@ TORCH_LIBRARY(fastformer, m) {
   // sees no key gives zeros and lse -inf. Dropout as in feed_forward_fwd, drawn at
   // offset ((b * Hq + h) * L + i) * S + j.
   m.def(
-      "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, float scale, "
-      "float dropout_p, int diagonal_offset, int window_left, int window_right) "
-      "-> (Tensor out, Tensor lse, Tensor stats)");
+      "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, "
+      "Tensor? seed, float scale, float dropout_p, int diagonal_offset, int window_left, "
+      "int window_right) -> (Tensor out, Tensor lse, Tensor stats)");
   // Backward of the above; grad_lse, when given, is the gradient flowing into lse.
   m.def(
       "cpu_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor stats, Tensor? grad_lse, Tensor? mask, Tensor? seed, float scale, "
-      "float dropout_p, int diagonal_offset, int window_left, int window_right) "
+      "Tensor stats, Tensor? grad_lse, Tensor? mask, Tensor? alibi_slopes, Tensor? seed, "
+      "float scale, float dropout_p, int diagonal_offset, int window_left, int window_right) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // The cache of freed CPU output blocks (cpu_allocation.h): its state

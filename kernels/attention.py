@@ -1,8 +1,10 @@
 """Flash attention in Triton: forward and FlashAttention-2 backward, with grouped kv heads,
-bool or float masks, banded masking (causal, sliding windows) and dropout.
+bool or float masks, ALiBi, banded masking (causal, sliding windows) and dropout.
 
-Maths, for query i of head h (reading kv head h // (Hq / Hkv)) and key j, in float32:
+Maths, for query i of head h (reading kv head h // (Hq / Hkv)) of batch b and key j, in
+float32:
     s_ij  = scale * q_i . k_j + mask_ij           bool mask: -inf where False
+    s_ij -= slope_bh * |j - (i + offset)|         with ALiBi slopes (B, Hq), computed in-kernel
     s_ij  = -inf unless  i + offset - left <= j <= i + offset + right   (band; a side < 0 is open)
     lse_i = log sum_j exp(s_ij)                   -inf when every key of row i is masked
     p_ij  = exp(s_ij - lse_i),   z_ij = rand(seed, ((b * Hq + h) * L + i) * S + j) >= p_drop
@@ -90,7 +92,7 @@ MAX_SPLIT_LENGTH, MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS = 16, 256, 64
 # Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton); the
 # forward's adds SPLIT. tools/autotune_report.py names the keys of stored tunings by them.
 TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
-              "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
+              "HAS_ALIBI", "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
 FWD_TUNING_KEY = [*TUNING_KEY, "SPLIT"]
 
 
@@ -177,24 +179,28 @@ def _block_bounds(start, last, n, c_lo, c_hi, HAS_LO: tl.constexpr, HAS_HI: tl.c
 
 @triton.jit
 def _scores(
-    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, diagonal_offset,
-    window_left, window_right, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
+    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, alibi_slope,
+    diagonal_offset, window_left, window_right, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, BAND_LEFT: tl.constexpr,
+    BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
 ):
     """Masked scores of a tile in base 2, log2(e) * s. i and j are the query and key
-    positions, broadcastable to the tile ([BM, 1] and [1, BN], or transposed). EDGE applies
-    the band and the bounds of both sequences."""
+    positions, broadcastable to the tile ([BM, 1] and [1, BN], or transposed); alibi_slope
+    is the head's ALiBi slope times log2(e) (see _alibi_slope). EDGE applies the band and
+    the bounds of both sequences."""
     s, _visible = _scores_and_visibility(
-        qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, diagonal_offset,
-        window_left, window_right, HAS_MASK, MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, EDGE)
+        qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, alibi_slope,
+        diagonal_offset, window_left, window_right, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI,
+        BAND_LEFT, BAND_RIGHT, EDGE)
     return s
 
 
 @triton.jit
 def _scores_and_visibility(
-    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, diagonal_offset,
-    window_left, window_right, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-    BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
+    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, alibi_slope,
+    diagonal_offset, window_left, window_right, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, BAND_LEFT: tl.constexpr,
+    BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
 ):
     """_scores, and which scores are visible: not hidden by a boolean mask, the band or the
     bounds. A float mask's -inf counts as visible, as the reference adds it to the score
@@ -211,6 +217,8 @@ def _scores_and_visibility(
             bias = mask.to(tl.float32)
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias * LOG2E, -FLOAT32_MAX))
             s = s + bias
+    if HAS_ALIBI:
+        s = s - alibi_slope * tl.abs(j - (i + diagonal_offset)).to(tl.float32)
     if EDGE:
         inside = (i < L) & (j < S)
         if BAND_LEFT:
@@ -220,6 +228,14 @@ def _scores_and_visibility(
         visible = visible & inside
         s = tl.where(inside, s, float("-inf"))
     return s, visible
+
+
+@triton.jit
+def _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of head (b, h) in base-2 score units, log2(e) * slope (0 without)."""
+    if HAS_ALIBI:
+        return tl.load(ALIBI + b * stride_ab + h * stride_ah) * LOG2E
+    return 0.0
 
 
 @triton.jit
@@ -258,6 +274,7 @@ def _attention_fwd_kernel(
     K,  # [B, Hkv, S, D] keys, unit column stride
     V,  # [B, Hkv, S, DV] values, unit column stride
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
+    ALIBI,  # [B, Hq] float32 ALiBi slopes, 0 strides where broadcast (unused without HAS_ALIBI)
     SEED,  # [1] int64 Philox seed (unused without HAS_DROPOUT)
     OUT,  # [B, Hq, L, DV] output, contiguous, q's dtype
     OUT_RESIDUAL,  # [B, Hq, L, DV] out in float32 minus OUT, in q's dtype, contiguous (unused
@@ -274,6 +291,7 @@ def _attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_vb, stride_vh, stride_vn,  # strides of V
     stride_mb, stride_mh, stride_mm, stride_mn,  # strides of MASK, 0 where broadcast
+    stride_ab, stride_ah,  # strides of ALIBI
     H,  # query heads Hq
     GROUP,  # query heads per kv head, Hq // Hkv
     L,  # query length
@@ -289,6 +307,7 @@ def _attention_fwd_kernel(
     S_BUCKET,  # next power of two of S: autotuning key only
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
+    HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
@@ -311,6 +330,7 @@ def _attention_fwd_kernel(
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     mask_offset = b * stride_mb + h * stride_mh
+    alibi_slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
     rng_offset = bh.to(tl.int64) * L * S
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     qk_scale = scale * LOG2E
@@ -342,8 +362,8 @@ def _attention_fwd_kernel(
             k = _load_rows(k_base, keys, S, stride_kn, cols_d, D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = _scores(qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn,
-                        L, S, qk_scale, diagonal_offset, window_left, window_right, HAS_MASK,
-                        MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, phase != 1)
+                        L, S, qk_scale, alibi_slope, diagonal_offset, window_left, window_right,
+                        HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, BAND_LEFT, BAND_RIGHT, phase != 1)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
             alpha = tl.math.exp2(m_i - m_safe)
@@ -456,7 +476,8 @@ class _Problem(NamedTuple):
 
 
 def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           seed: torch.Tensor | None, dropout_p: float) -> _Problem:
+           alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None,
+           dropout_p: float) -> _Problem:
     """Shapes, dtypes and strides the kernels rely on; a ValueError naming the culprit."""
     require_unit_column_stride(op, q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -483,6 +504,10 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                              f"got {tuple(mask.shape)}")
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
             raise ValueError(f"{op}: mask must be bool or floating point, got {mask.dtype}")
+    if alibi_slopes is not None and (tuple(alibi_slopes.shape) != (batch, heads)
+                                     or alibi_slopes.dtype != torch.float32):
+        raise ValueError(f"{op}: alibi_slopes must be float32 broadcast to {(batch, heads)}, got "
+                         f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
     if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
         raise ValueError(f"{op}: dropout needs a 1-element int64 seed tensor")
     if not 0.0 <= dropout_p < 1.0:
@@ -490,14 +515,16 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return _Problem(batch, heads, kv_heads, length, source, head_dim, value_dim)
 
 
-def _features(problem: _Problem, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
-              window_left: int, window_right: int) -> dict:
+def _features(problem: _Problem, q: torch.Tensor, mask: torch.Tensor | None,
+              alibi_slopes: torch.Tensor | None, dropout_p: float, window_left: int,
+              window_right: int) -> dict:
     """The constexpr flags and keys shared by every kernel launch of a call."""
     return dict(
         L_BUCKET=next_power_of_2(problem.length),
         S_BUCKET=next_power_of_2(problem.source),
         HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
+        HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         BAND_LEFT=window_left >= 0,
         BAND_RIGHT=window_right >= 0,
@@ -532,12 +559,18 @@ def _mask_args(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[in
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask), mask.stride()
 
 
+def _alibi_args(alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """The ALiBi slopes as the kernels read them, and their two strides."""
+    return alibi_slopes, (0, 0) if alibi_slopes is None else alibi_slopes.stride()
+
+
 @serialized
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale: float,
     dropout_p: float,
@@ -552,7 +585,7 @@ def attention_forward(
     those of the op fastformer::attention_fwd, in its order. keep_residual: also return
     out_residual where q is in half precision (for the backward's delta). splits: programs
     sharing the keys of a query block (default: kv_splits())."""
-    problem = _check("attention_fwd", q, k, v, mask, seed, dropout_p)
+    problem = _check("attention_fwd", q, k, v, mask, alibi_slopes, seed, dropout_p)
     batch, heads, length = problem.batch, problem.heads, problem.length
     value_dim = problem.value_dim
     out = empty((batch, heads, length, value_dim), q.dtype, q.device)
@@ -564,6 +597,7 @@ def attention_forward(
     if out.numel() == 0:
         return AttentionForward(out, lse, stats, out_residual)
     mask_arg, mask_strides = _mask_args(mask)
+    alibi_arg, alibi_strides = _alibi_args(alibi_slopes)
     has_dropout = dropout_p > 0.0
     if splits is None:
         splits = kv_splits(problem, q.device, diagonal_offset, window_left, window_right)
@@ -575,17 +609,17 @@ def attention_forward(
         part_acc = torch.empty((splits, rows_total, value_dim), dtype=torch.float32,
                                device=q.device)
         part_stats = torch.empty((splits, rows_total, 2), dtype=torch.float32, device=q.device)
-    features = _features(problem, q, mask, dropout_p, window_left, window_right)
+    features = _features(problem, q, mask, alibi_slopes, dropout_p, window_left, window_right)
 
     def grid(meta):
         return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads * splits,)
 
     _attention_fwd_kernel[grid](
-        q, k, v, mask_arg, seed if has_dropout else None, out,
+        q, k, v, mask_arg, alibi_arg, seed if has_dropout else None, out,
         out_residual if has_residual else None, lse, stats, part_acc, part_stats, splits,
         rows_total, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
-        heads, heads // problem.kv_heads, length, problem.source, problem.head_dim, value_dim,
-        scale, diagonal_offset, window_left, window_right, dropout_p,
+        *alibi_strides, heads, heads // problem.kv_heads, length, problem.source,
+        problem.head_dim, value_dim, scale, diagonal_offset, window_left, window_right, dropout_p,
         HAS_RESIDUAL=has_residual, SPLIT=splits > 1, **features,
     )
     if splits > 1:

@@ -42,6 +42,8 @@ from .attention import (
     _DQ_TILES,
     _PREPROCESS_BLOCK_M,
     LOG2E,
+    _alibi_args,
+    _alibi_slope,
     _autotune,
     _block_bounds,
     _check,
@@ -93,6 +95,7 @@ def _attention_bwd_dkdv_kernel(
     K,  # [B, Hkv, S, D] keys, unit column stride
     V,  # [B, Hkv, S, DV] values, unit column stride
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
+    ALIBI,  # [B, Hq] float32 ALiBi slopes, 0 strides where broadcast (unused without HAS_ALIBI)
     SEED,  # [1] int64 Philox seed of the forward (unused without HAS_DROPOUT)
     GRAD_OUT,  # [B, Hq, L, DV] gradient of the output, unit column stride
     STATS,  # [B, Hq, L, 2] float32 row statistics from the forward, contiguous
@@ -103,6 +106,7 @@ def _attention_bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_vb, stride_vh, stride_vn,  # strides of V
     stride_mb, stride_mh, stride_mm, stride_mn,  # strides of MASK, 0 where broadcast
+    stride_ab, stride_ah,  # strides of ALIBI
     stride_gb, stride_gh, stride_gm,  # strides of GRAD_OUT
     H,  # query heads Hq
     GROUP,  # query heads per kv head, Hq // Hkv
@@ -119,6 +123,7 @@ def _attention_bwd_dkdv_kernel(
     S_BUCKET,  # next power of two of S: autotuning key only
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
+    HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
@@ -150,6 +155,7 @@ def _attention_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         grad_out_base = GRAD_OUT + b * stride_gb + h * stride_gh
         mask_offset = b * stride_mb + h * stride_mh
+        alibi_slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
         rng_offset = bh * L * S
         for phase in tl.static_range(3):  # edge blocks, inner blocks, edge blocks
             if phase == 0:
@@ -167,8 +173,8 @@ def _attention_bwd_dkdv_kernel(
                 qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
                 s, visible = _scores_and_visibility(
                     qk, MASK, mask_offset, rows[None, :], keys[:, None], stride_mm, stride_mn,
-                    L, S, qk_scale, diagonal_offset, window_left, window_right, HAS_MASK,
-                    MASK_IS_BOOL, BAND_LEFT, BAND_RIGHT, phase != 1)
+                    L, S, qk_scale, alibi_slope, diagonal_offset, window_left, window_right,
+                    HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, BAND_LEFT, BAND_RIGHT, phase != 1)
                 p = tl.math.exp2((s - row_max[None, :]) - log2_sum[None, :])
                 dp = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
                 if HAS_DROPOUT:
@@ -200,6 +206,7 @@ def _attention_bwd_dq_kernel(
     K,  # [B, Hkv, S, D] keys, unit column stride
     V,  # [B, Hkv, S, DV] values, unit column stride
     MASK,  # [B, Hq, L, S] float mask, or bool viewed as uint8 (unused without HAS_MASK)
+    ALIBI,  # [B, Hq] float32 ALiBi slopes, 0 strides where broadcast (unused without HAS_ALIBI)
     SEED,  # [1] int64 Philox seed of the forward (unused without HAS_DROPOUT)
     GRAD_OUT,  # [B, Hq, L, DV] gradient of the output, unit column stride
     STATS,  # [B, Hq, L, 2] float32 row statistics from the forward, contiguous
@@ -209,6 +216,7 @@ def _attention_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn,  # strides of K
     stride_vb, stride_vh, stride_vn,  # strides of V
     stride_mb, stride_mh, stride_mm, stride_mn,  # strides of MASK, 0 where broadcast
+    stride_ab, stride_ah,  # strides of ALIBI
     stride_gb, stride_gh, stride_gm,  # strides of GRAD_OUT
     H,  # query heads Hq
     GROUP,  # query heads per kv head, Hq // Hkv
@@ -225,6 +233,7 @@ def _attention_bwd_dq_kernel(
     S_BUCKET,  # next power of two of S: autotuning key only
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
+    HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
@@ -247,6 +256,7 @@ def _attention_bwd_dq_kernel(
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     mask_offset = b * stride_mb + h * stride_mh
+    alibi_slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
     rng_offset = bh.to(tl.int64) * L * S
     seed = tl.load(SEED) if HAS_DROPOUT else 0
     qk_scale = scale * LOG2E
@@ -269,8 +279,8 @@ def _attention_bwd_dq_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s, visible = _scores_and_visibility(
                 qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn, L, S,
-                qk_scale, diagonal_offset, window_left, window_right, HAS_MASK, MASK_IS_BOOL,
-                BAND_LEFT, BAND_RIGHT, phase != 1)
+                qk_scale, alibi_slope, diagonal_offset, window_left, window_right, HAS_MASK,
+                MASK_IS_BOOL, HAS_ALIBI, BAND_LEFT, BAND_RIGHT, phase != 1)
             p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
             dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
@@ -302,6 +312,7 @@ def attention_backward(
     stats: torch.Tensor,
     grad_lse: torch.Tensor | None,
     mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale: float,
     dropout_p: float,
@@ -313,7 +324,7 @@ def attention_backward(
     """Launch the backward kernels; see the module docstring for the maths. The arguments
     are those of the op fastformer::attention_bwd, in its order."""
     op = "attention_bwd"
-    problem = _check(op, q, k, v, mask, seed, dropout_p)
+    problem = _check(op, q, k, v, mask, alibi_slopes, seed, dropout_p)
     require_unit_column_stride(op, grad_out=grad_out, out=out)
     batch, heads, kv_heads = problem.batch, problem.heads, problem.kv_heads
     length, source = problem.length, problem.source
@@ -335,10 +346,11 @@ def attention_backward(
     grad_v = empty(tuple(v.shape), v.dtype, device)
     stats = stats.contiguous()  # the forward's already are
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=device)
-    features = _features(problem, q, mask, dropout_p, window_left, window_right)
+    features = _features(problem, q, mask, alibi_slopes, dropout_p, window_left, window_right)
     mask_arg, mask_strides = _mask_args(mask)
+    alibi_arg, alibi_strides = _alibi_args(alibi_slopes)
     seed_arg = seed if dropout_p > 0.0 else None
-    shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
+    shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *alibi_strides,
               *grad_out.stride()[:3], heads, heads // kv_heads, length, source, problem.head_dim,
               problem.value_dim, scale, diagonal_offset, window_left, window_right, dropout_p)
 
@@ -358,7 +370,8 @@ def attention_backward(
             return (triton.cdiv(source, meta["BLOCK_N"]) * batch * kv_heads,)
 
         _attention_bwd_dkdv_kernel[dkdv_grid](
-            q, k, v, mask_arg, seed_arg, grad_out, stats, delta, grad_k, grad_v, *shared,
+            q, k, v, mask_arg, alibi_arg, seed_arg, grad_out, stats, delta, grad_k, grad_v,
+            *shared,
             **features,
         )
     if batch * heads * length > 0:
@@ -366,6 +379,7 @@ def attention_backward(
             return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads,)
 
         _attention_bwd_dq_kernel[dq_grid](
-            q, k, v, mask_arg, seed_arg, grad_out, stats, delta, grad_q, *shared, **features,
+            q, k, v, mask_arg, alibi_arg, seed_arg, grad_out, stats, delta, grad_q, *shared,
+            **features,
         )
     return AttentionBackward(grad_q, grad_k, grad_v)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fastformer
 from fastformer import reference
+from fastformer.ops import attention as attention_ops
 from tests.conftest import (
     HAS_EXTENSION,
     HAS_INTERPRETER,
@@ -475,16 +476,30 @@ def _flash_vs_reference(q, k, v, atol, *, causal=False, slopes=None, softcap=0.0
 @pytest.mark.parametrize("slopes_shape", ["heads", "batch_heads"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", [(9, 23), (23, 9)], ids=str)
-def test_flash_attn_func_alibi(kernels, device, impl, dtype, atol, slopes_shape, causal, lengths):
-    """alibi_slopes (H,) or (B, H): -slope * |i + S - L - j| added to the scores, through the
-    kernels as a float mask."""
+def test_flash_attn_func_alibi(
+    kernels, device, impl, dtype, atol, slopes_shape, causal, lengths, monkeypatch
+):
+    """alibi_slopes (H,) or (B, H): -slope * |i + S - L - j| added to the scores, computed
+    inside the kernels from the slopes: the op gets them as (B, H) and no mask."""
     generator = torch.Generator().manual_seed(5)
     length, source = lengths
     q = _randn(2, length, 4, 32, dtype=dtype, device=device, generator=generator)
     k, v = (_randn(2, source, 2, 32, dtype=dtype, device=device, generator=generator) for _ in "kv")
     shape = (4,) if slopes_shape == "heads" else (2, 4)
     slopes = (torch.rand(shape, generator=generator) * 0.5).to(device)
+    calls = []
+    attend = attention_ops._attend
+
+    def spy(q, k, v, mask, *band, alibi_slopes=None):
+        calls.append((mask, alibi_slopes))
+        return attend(q, k, v, mask, *band, alibi_slopes=alibi_slopes)
+
+    monkeypatch.setattr(attention_ops, "_attend", spy)
     _flash_vs_reference(q, k, v, atol, causal=causal, slopes=slopes)
+    assert calls, "flash_attn_func did not reach the kernels"
+    for mask, passed in calls:
+        assert mask is None
+        torch.testing.assert_close(passed, slopes.to(passed.dtype).expand(2, 4), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -540,25 +555,26 @@ def test_flash_attn_func_bad_input():
 
 
 @requires_extension
-@pytest.mark.parametrize("variant", ["plain", "mask-dropout", "band-gqa"])
+@pytest.mark.parametrize("variant", ["plain", "mask-dropout", "band-gqa-alibi"])
 def test_cpp_ops_opcheck(variant):
     """The C++ CPU ops against their schemas and fake kernels (torch.library.opcheck)."""
     generator = torch.Generator().manual_seed(8)
     heads_kv = 1 if variant == "band-gqa" else 2
     q = torch.randn(2, 2, 9, 16, generator=generator)
     k, v = (torch.randn(2, heads_kv, 13, d, generator=generator) for d in (16, 8))
-    mask = seed = None
+    mask = slopes = seed = None
     dropout_p, band = 0.0, (0, -1, -1)
     if variant == "mask-dropout":
         mask = torch.randn(1, 2, 9, 13, generator=generator).expand(2, 2, 9, 13)
         seed, dropout_p = torch.tensor([77], dtype=torch.int64), 0.25
-    if variant == "band-gqa":
+    if variant == "band-gqa-alibi":
         band = (4, 3, 0)
-    arguments = (q, k, v, mask, seed, 0.25, dropout_p, *band)
+        slopes = torch.rand(2, generator=generator).expand(2, 2)
+    arguments = (q, k, v, mask, slopes, seed, 0.25, dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_fwd.default, arguments)
     out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    backward = (grad_out, q, k, v, out, stats, grad_lse, mask, seed, 0.25, dropout_p, *band)
+    backward = (grad_out, q, k, v, out, stats, grad_lse, mask, slopes, seed, 0.25, dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_bwd.default, backward)
 
 
@@ -571,7 +587,7 @@ def test_triton_half_precision_out_residual(keep_residual):
     op's schema and fake kernel (opcheck) in both modes."""
     generator = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, 19, 16, generator=generator).half() for _ in range(3))
-    arguments = (q, k, v, None, None, 0.25, 0.0, 0, -1, -1, keep_residual)
+    arguments = (q, k, v, None, None, None, 0.25, 0.0, 0, -1, -1, keep_residual)
     with fastformer.triton_on_cpu(True):
         out, _lse, _stats, residual = torch.ops.fastformer.attention_fwd(*arguments)
         torch.library.opcheck(torch.ops.fastformer.attention_fwd.default, arguments)
@@ -609,20 +625,17 @@ def test_cpp_outputs_laid_out_as_inputs(batch_first):
     generator = torch.Generator().manual_seed(10)
     no_band = (0, -1, -1)  # diagonal offset, window left and right: every key visible
     q, k, v = _projection_views(batch_first, generator)
-    torch.library.opcheck(
-        torch.ops.fastformer.cpu_attention_fwd.default, (q, k, v, None, None, 0.25, 0.0, *no_band)
-    )
-    out, _lse, stats = torch.ops.fastformer.cpu_attention_fwd(
-        q, k, v, None, None, 0.25, 0.0, *no_band
-    )
+    arguments = (q, k, v, None, None, None, 0.25, 0.0, *no_band)
+    torch.library.opcheck(torch.ops.fastformer.cpu_attention_fwd.default, arguments)
+    out, _lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
     grad_out = torch.randn(out.shape, generator=generator)
     grads = torch.ops.fastformer.cpu_attention_bwd(
-        grad_out, q, k, v, out, stats, None, None, None, 0.25, 0.0, *no_band
+        grad_out, q, k, v, out, stats, None, None, None, None, 0.25, 0.0, *no_band
     )
     with torch._subclasses.FakeTensorMode() as mode:
         fake_q, fake_k, fake_v = (mode.from_tensor(t) for t in (q, k, v))
         fake_out = torch.ops.fastformer.cpu_attention_fwd(
-            fake_q, fake_k, fake_v, None, None, 0.25, 0.0, *no_band
+            fake_q, fake_k, fake_v, None, None, None, 0.25, 0.0, *no_band
         )[0]
         fake_grads = torch.ops.fastformer.cpu_attention_bwd(
             fake_out,
@@ -631,6 +644,7 @@ def test_cpp_outputs_laid_out_as_inputs(batch_first):
             fake_v,
             fake_out,
             torch.empty(2, 3, 9, 2),
+            None,
             None,
             None,
             None,

@@ -41,12 +41,14 @@ def _triton(device: str):
     return fastformer.triton_on_cpu(True) if device == "cpu" else contextlib.nullcontext()
 
 
-# Variants of a decoding step: (length L, query heads, kv heads, mask, band, dropout_p).
+# Variants of a decoding step: (length L, query heads, kv heads, mask or "alibi", band,
+# dropout_p).
 VARIANTS = {
     "one-query-causal": (1, 2, 2, None, "causal", 0.0),
     "chunk-of-5-gqa": (5, 4, 2, None, "causal", 0.0),
     "float-mask": (3, 2, 1, "float", None, 0.0),
     "bool-mask": (2, 2, 2, "bool", None, 0.0),
+    "alibi-causal-gqa": (3, 4, 2, "alibi", "causal", 0.0),
     "window": (1, 2, 2, None, "window", 0.0),
     "dropout": (4, 2, 2, None, None, 0.2),
 }
@@ -64,8 +66,10 @@ def _launch(device, dtype, variant, splits, *, source=530, seed=0):
         randn(1, kv_heads, source, 16),
         randn(1, kv_heads, source, 24),
     )
-    mask = None
-    if mask_kind == "float":  # a key-padding style float mask, broadcast over heads and rows
+    mask = slopes = None
+    if mask_kind == "alibi":  # slopes per (batch, head), as flash_attn_func passes them
+        slopes = torch.rand(1, heads, generator=generator).to(device) * 0.1
+    elif mask_kind == "float":  # a key-padding style float mask, broadcast over heads and rows
         mask = randn(1, 1, 1, source).expand(1, heads, length, source)
     elif mask_kind == "bool":
         keep = torch.rand(1, 1, length, source, generator=generator) > 0.3
@@ -78,6 +82,7 @@ def _launch(device, dtype, variant, splits, *, source=530, seed=0):
             k,
             v,
             mask,
+            slopes,
             seed_tensor,
             16**-0.5,
             dropout_p,
@@ -158,7 +163,7 @@ def test_split_policy():
     with pytest.raises(ValueError, match="splits must be >= 1"):
         q = torch.zeros(1, 1, 1, 16)
         attention_kernels.attention_forward(
-            q, q, q, None, None, 1.0, 0.0, 0, -1, -1, False, splits=0
+            q, q, q, None, None, None, 1.0, 0.0, 0, -1, -1, False, splits=0
         )
 
 
@@ -189,6 +194,7 @@ def test_split_key_ranges_fuzzed(
         q,
         k,
         v,
+        None,
         None,
         None,
         0.25,

@@ -19,7 +19,7 @@ registers per thread and spilled bytes (from ptxas -v), shared memory, compile t
 Exit status 1 when a check fails.
 
 The cases (--set): "ci" covers each kernel's code paths once (bf16 head dims 40, 64, 128,
-256; masks, flash_attn_func's float32 ALiBi bias among them, causal, dropout, the
+256; masks, flash_attn_func's in-kernel ALiBi, causal, dropout, the
 half-precision residual; fp16; fp32's IEEE products) at a long sequence, where every tile
 is a candidate, and a decoding step (the split forward);
 "full" crosses bf16 with every supported head dim and variant (windows too), a value head
@@ -223,13 +223,13 @@ def _attention_case(
         q = torch.empty(1, 2, length, head_dim, dtype=dtype)
         k = torch.empty(1, 1, source, head_dim, dtype=dtype)
         v = torch.empty(1, 1, source, value_dim, dtype=dtype)
-        mask = None
+        mask = slopes = None
         if variant == "float mask":
             mask = torch.empty(1, 1, 1, source, dtype=dtype).expand(1, 2, length, source)
         elif variant == "bool mask":
             mask = torch.empty(1, 1, length, source, dtype=torch.bool).expand(1, 2, length, source)
-        elif variant == "alibi":  # flash_attn_func's ALiBi: a float32 bias per head, causal
-            mask = torch.empty(1, 2, length, source, dtype=torch.float32).expand(1, 2, -1, -1)
+        elif variant == "alibi":  # flash_attn_func's ALiBi: float32 slopes per head, causal
+            slopes = torch.empty(2, dtype=torch.float32).expand(1, 2)
         dropout_p = 0.1 if variant == "dropout" else 0.0
         seed = torch.zeros(1, dtype=torch.int64)
         left, right = {"causal": (-1, 0), "window": (128, 0), "alibi": (-1, 0)}.get(
@@ -237,7 +237,7 @@ def _attention_case(
         )
         offset = source - length
         forward = attention_forward(
-            q, k, v, mask, seed, head_dim**-0.5, dropout_p, offset, left, right, True
+            q, k, v, mask, slopes, seed, head_dim**-0.5, dropout_p, offset, left, right, True
         )
         grad_out = torch.empty_like(forward.out)
         attention_backward(
@@ -249,6 +249,7 @@ def _attention_case(
             forward.stats,
             None,
             mask,
+            slopes,
             seed,
             head_dim**-0.5,
             dropout_p,

@@ -65,6 +65,7 @@ def attention_fwd(
     k: Tensor,
     v: Tensor,
     mask: Tensor | None,
+    alibi_slopes: Tensor | None,
     seed: Tensor | None,
     scale: float,
     dropout_p: float,
@@ -76,16 +77,19 @@ def attention_fwd(
     """(out (B, Hq, L, Dv), lse (B, Hq, L), stats (B, Hq, L, 2): row max and log2 row sum
     of the base-2 scores for the backward, see kernels/attention.py, out_residual) of
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S)
-    (stride 0 where broadcast). lse and stats in _statistics_dtype(q). out_residual: with
-    keep_residual and a half-precision q, out computed in float32 minus out (for the
-    backward's delta); numel 0 otherwise (the C++ kernels compute in float32 or float64)."""
-    arguments = (q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right)
+    (stride 0 where broadcast); alibi_slopes broadcast to (B, Hq), in _statistics_dtype(q),
+    adding -slope * |j - (i + diagonal_offset)| to the scores. lse and stats in
+    _statistics_dtype(q). out_residual: with keep_residual and a half-precision q, out
+    computed in float32 minus out (for the backward's delta); numel 0 otherwise (the C++
+    kernels compute in float32 or float64)."""
+    arguments = (q, k, v, mask, alibi_slopes, seed, scale, dropout_p)
+    band = (diagonal_offset, window_left, window_right)
     if _runs_cpp(q):
-        out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
+        out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments, *band)
         return out, lse, stats, q.new_empty((0,))
     from fastformer_kernels.attention import attention_forward
 
-    return tuple(attention_forward(*arguments, keep_residual))
+    return tuple(attention_forward(*arguments, *band, keep_residual))
 
 
 def _output_like(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -100,9 +104,8 @@ def _output_like(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.empty_permuted(shape, (*order, 3), dtype=like.dtype, device=like.device)
 
 
-def _fake_cpu_fwd(
-    q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right
-):
+def _fake_cpu_fwd(q, k, v, *_options):
+    """cpu_attention_fwd's outputs; _options: its arguments after v."""
     batch, heads, length, _ = q.shape
     out = _output_like(q, (batch, heads, length, v.shape[-1]))
     statistics = _statistics_dtype(q)
@@ -111,12 +114,10 @@ def _fake_cpu_fwd(
 
 
 @attention_fwd.register_fake
-def _fake_fwd(
-    q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right, keep_residual
-):
-    out, lse, stats = _fake_cpu_fwd(
-        q, k, v, mask, seed, scale, dropout_p, diagonal_offset, window_left, window_right
-    )
+def _fake_fwd(q, k, v, *options):
+    """attention_fwd's outputs; options: its arguments after v, keep_residual last."""
+    keep_residual = options[-1]
+    out, lse, stats = _fake_cpu_fwd(q, k, v)
     has_residual = keep_residual and q.dtype in _HALF_DTYPES and not _runs_cpp(q)
     return out, lse, stats, q.new_empty(out.shape if has_residual else (0,))
 
@@ -131,6 +132,7 @@ def attention_bwd(
     stats: Tensor,
     grad_lse: Tensor | None,
     mask: Tensor | None,
+    alibi_slopes: Tensor | None,
     seed: Tensor | None,
     scale: float,
     dropout_p: float,
@@ -140,8 +142,8 @@ def attention_bwd(
     out_residual: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v) of attention_fwd, given its out_residual."""
-    arguments = (grad_out, q, k, v, out, stats, grad_lse, mask, seed, scale, dropout_p)
-    band = (diagonal_offset, window_left, window_right)
+    arguments = (grad_out, q, k, v, out, stats, grad_lse, mask, alibi_slopes, seed, scale)
+    band = (dropout_p, diagonal_offset, window_left, window_right)
     if _runs_cpp(q):
         return tuple(torch.ops.fastformer.cpu_attention_bwd(*arguments, *band))
     from fastformer_kernels.attention_backward import attention_backward
@@ -150,45 +152,31 @@ def attention_bwd(
 
 
 @attention_bwd.register_fake
-def _fake_bwd(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    stats,
-    grad_lse,
-    mask,
-    seed,
-    scale,
-    dropout_p,
-    diagonal_offset,
-    window_left,
-    window_right,
-    out_residual=None,  # attention_bwd's last argument; cpu_attention_bwd has none
-):
+def _fake_bwd(grad_out, q, k, v, *_options):
+    """The gradients of q, k, v; _options: the arguments after v (attention_bwd's or
+    cpu_attention_bwd's, which has no out_residual)."""
     return tuple(_output_like(t, tuple(t.shape)) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, seed, *band, _keep_residual = inputs
+    q, k, v, mask, alibi_slopes, seed, *band, _keep_residual = inputs
     out, _lse, stats, out_residual = output
     ctx.mark_non_differentiable(stats, out_residual)
     # Unused outputs get no zero-filled gradients (out_residual is as large as out).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, stats, mask, seed, out_residual)
+    ctx.save_for_backward(q, k, v, out, stats, mask, alibi_slopes, seed, out_residual)
     ctx.band = band  # scale, dropout_p, diagonal_offset, window_left, window_right
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_stats, _grad_residual):
-    q, k, v, out, stats, mask, seed, out_residual = ctx.saved_tensors
+    q, k, v, out, stats, *optional, out_residual = ctx.saved_tensors  # optional: mask, slopes, seed
     if grad_out is None:  # only the lse was used
         grad_out = torch.zeros_like(out)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     grad_q, grad_k, grad_v = attention_bwd(
-        grad_out, q, k, v, out, stats, grad_lse, mask, seed, *ctx.band, out_residual
+        grad_out, q, k, v, out, stats, grad_lse, *optional, *ctx.band, out_residual
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None
+    return grad_q, grad_k, grad_v, *(None,) * 9
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -248,9 +236,10 @@ def _attend(
     diagonal_offset: int,
     window_left: int,
     window_right: int,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): out in q's dtype
-    and lse (B, Hq, L) in _statistics_dtype."""
+    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) (alibi_slopes:
+    see attention_fwd): out in q's dtype and lse (B, Hq, L) in _statistics_dtype."""
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
@@ -263,6 +252,7 @@ def _attend(
         _unit_last_stride(k),
         _unit_last_stride(v),
         mask,
+        alibi_slopes,
         seed,
         scale,
         dropout_p,
@@ -445,9 +435,8 @@ def flash_attn_func(
       do not: such calls run fastformer/reference.py's math in PyTorch (counted by
       fastformer.info(), warned about once).
     - alibi_slopes, (Hq,) or (B, Hq): adds -slope * |i + S - L - j| to the score of query i
-      and key j. The kernels take it as a float32 mask (float64 for float64 inputs) of
-      (B or 1, Hq, L, S), materialised: 4 * Hq * L * S bytes per row of slopes.
-      alibi_slopes gets no gradient (nor in flash-attn).
+      and key j, computed inside the kernels from the slopes (in float32; float64 for
+      float64 inputs). alibi_slopes gets no gradient (nor in flash-attn).
     - deterministic: accepted; fastformer's backward is always deterministic (no atomics).
     - return_attn_probs: returns (out, lse, None); the attention probabilities, which
       flash-attn returns for testing only, are not materialised.
@@ -488,11 +477,8 @@ def flash_attn_func(
             f"{name}: k must have q's head_dim and a head count dividing q's, "
             f"got q {list(q.shape)} and k {list(k.shape)}"
         )
-    batch, length, heads, _ = q.shape
-    source = k.shape[1]
-    bias = None
-    if alibi_slopes is not None:
-        bias = _alibi_bias(name, alibi_slopes, q, source)
+    length, source = q.shape[1], k.shape[1]
+    slopes = None if alibi_slopes is None else _alibi_slopes(name, alibi_slopes, q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     window_left, window_right = window_size
     if causal:
@@ -504,29 +490,28 @@ def flash_attn_func(
     empty = 0 in (q.numel(), k.numel(), v.numel())
     if empty:  # nothing to attend: see scaled_dot_product_attention
         out, lse = _banded_attention_torch(
-            qt, kt, vt, *band, bias=bias, softcap=softcap, attend=reference_attention
+            qt, kt, vt, *band, alibi_slopes=slopes, softcap=softcap, attend=reference_attention
         )
     elif softcap > 0.0:
         backend.note_fallback(
             OP, q.device, q.dtype, reason="flash_attn_func's softcap is not in the kernels"
         )
-        out, lse = _banded_attention_torch(qt, kt, vt, *band, bias=bias, softcap=softcap)
-    elif _falls_back(q, k, v, bias):
-        out, lse = _banded_attention_torch(qt, kt, vt, *band, bias=bias)
+        out, lse = _banded_attention_torch(qt, kt, vt, *band, alibi_slopes=slopes, softcap=softcap)
+    elif _falls_back(q, k, v, None):
+        out, lse = _banded_attention_torch(qt, kt, vt, *band, alibi_slopes=slopes)
     else:
-        mask = None if bias is None else bias.expand(batch, heads, length, source)
-        out, lse = _attend(qt, kt, vt, mask, *band)
+        out, lse = _attend(qt, kt, vt, None, *band, alibi_slopes=slopes)
     out = out.transpose(1, 2)
     if return_attn_probs:
         return out, lse, None
     return (out, lse) if return_lse else out
 
 
-def _alibi_bias(name: str, slopes: object, q: Tensor, source: int) -> Tensor:
-    """flash-attn's ALiBi bias -slope * |i + S - L - j| for query i and key j, as a
-    (B or 1, Hq, L, S) tensor without gradient, from slopes of shape (Hq,) or (B, Hq): in
-    float32 (float64 for float64 inputs), whatever q's dtype, as flash-attn computes it."""
-    batch, length, heads, _ = q.shape
+def _alibi_slopes(name: str, slopes: object, q: Tensor) -> Tensor:
+    """flash_attn_func's alibi_slopes of shape (Hq,) or (B, Hq), checked, as the op takes
+    them: (B, Hq) (stride 0 over the batch for (Hq,)), without gradient, in float32
+    (float64 for float64 inputs) whatever q's dtype, as flash-attn computes the bias."""
+    batch, _, heads, _ = q.shape
     _checks.check_tensor(name, "alibi_slopes", slopes)
     if tuple(slopes.shape) not in ((heads,), (batch, heads)):
         raise ValueError(
@@ -534,10 +519,7 @@ def _alibi_bias(name: str, slopes: object, q: Tensor, source: int) -> Tensor:
             f"(heads, or batch x heads), got {list(slopes.shape)}"
         )
     _checks.check_same_device(name, "q", q, alibi_slopes=slopes)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    distance = _key_offsets(length, source, source - length, q.device).abs().to(dtype)
-    per_head = slopes.detach().to(dtype).reshape(-1, heads)  # (B or 1, Hq)
-    return -per_head[:, :, None, None] * distance
+    return slopes.detach().to(_statistics_dtype(q)).expand(batch, heads)
 
 
 def _key_offsets(length: int, source: int, diagonal_offset: int, device: torch.device) -> Tensor:
@@ -556,16 +538,19 @@ def _banded_attention_torch(
     window_left: int,
     window_right: int,
     *,
-    bias: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     softcap: float = 0.0,
     attend: Callable[..., Tensor] = torch_sdpa,
 ) -> tuple[Tensor, Tensor]:
     """The same banded attention through torch's function (or `attend`, with its
     signature), for calls the kernels do not take; the band becomes an explicit (L, S)
-    boolean mask, or with a bias (broadcast to (B, H, L, S)) a float one. softcap and the
+    boolean mask, or with ALiBi slopes (B, H) a float one, the bias added. softcap and the
     bias go through the reference's math: torch's function has no softcap, and with a float
     mask it gives NaN rather than zeros for a row that sees no key."""
     offsets = _key_offsets(q.shape[-2], k.shape[-2], diagonal_offset, q.device)
+    bias = None
+    if alibi_slopes is not None:  # (B, H, L, S), materialised (the kernels compute it)
+        bias = -alibi_slopes[:, :, None, None] * offsets.abs().to(alibi_slopes.dtype)
     visible = torch.ones_like(offsets, dtype=torch.bool)
     if window_left >= 0:
         visible &= offsets >= -window_left
