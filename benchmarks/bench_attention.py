@@ -167,7 +167,7 @@ def _cases(ctx: Context) -> list[Case]:
     return cases
 
 
-def _sizes(case: Case) -> tuple[int, int, int, int, int]:
+def sizes(case: Case) -> tuple[int, int, int, int, int]:
     """(batch, heads, query length, key length, head dim) of a case."""
     p = case.params
     if "query_len" in p:  # decoding
@@ -205,8 +205,8 @@ class _Inputs:
         return _Inputs(q, k, v, blhd(self.grad_out))
 
 
-def _make_inputs(ctx: Context, case: Case) -> list[_Inputs]:
-    batch, heads, length, source, head_dim = _sizes(case)
+def make_inputs(ctx: Context, case: Case) -> list[_Inputs]:
+    batch, heads, length, source, head_dim = sizes(case)
     dtype, grad = getattr(torch, case.dtype), case.mode != "fwd"
 
     def tensor(rows: int, requires_grad: bool) -> torch.Tensor:
@@ -238,16 +238,19 @@ def _fastformer(causal: bool) -> Attend:
     return lambda q, k, v: op(q, k, v, is_causal=causal)
 
 
-def _quadratic(case: Case) -> None:
-    _, _, length, source, _ = _sizes(case)
+def skip_quadratic(case: Case) -> None:
+    _, _, length, source, _ = sizes(case)
     if length * source > QUADRATIC_MAX_SEQLEN**2:
         raise Skip(f"O(L^2) memory: L x S scores materialised, L * S > {QUADRATIC_MAX_SEQLEN}^2")
 
 
-def _sdpa_backend(ctx: Context, case: Case, provider: str, probe: _Inputs) -> Attend:
-    """torch SDPA held to one backend; Skip, with torch's reasons, where it cannot run."""
+def sdpa_backend(
+    ctx: Context, case: Case, provider: str, probe: _Inputs, attn_mask: torch.Tensor | None = None
+) -> Attend:
+    """torch SDPA held to one backend, with attn_mask in place of the case's causal flag
+    when given; Skip, with torch's reasons, where it cannot run."""
     if provider == "sdpa-math":
-        _quadratic(case)
+        skip_quadratic(case)
     elif ctx.device.type != "cuda":
         raise Skip("CUDA backend (on CPU torch's default SDPA kernel is measured as 'sdpa')")
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -255,11 +258,11 @@ def _sdpa_backend(ctx: Context, case: Case, provider: str, probe: _Inputs) -> At
     backend = getattr(SDPBackend, BACKENDS[provider], None)
     if backend is None:
         raise Skip(f"torch {torch.__version__} has no SDPBackend.{BACKENDS[provider]}")
-    causal = case.params["causal"]
+    causal = case.params["causal"] and attn_mask is None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
 
     # A backend that cannot run a case raises "no available kernel" and says why only in
     # warnings: probe once here so that the recorded reason is torch's.
@@ -276,10 +279,13 @@ def _sdpa_backend(ctx: Context, case: Case, provider: str, probe: _Inputs) -> At
     return attend
 
 
-def _sdpa_default(ctx: Context, causal: bool) -> Attend:
+def sdpa_default(ctx: Context, causal: bool, attn_mask: torch.Tensor | None = None) -> Attend:
     if ctx.device.type == "cuda":
         raise Skip("on CUDA each SDPA backend is measured as its own provider (sdpa-*)")
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    causal = causal and attn_mask is None
+    return lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=causal
+    )
 
 
 def _flex(ctx: Context, case: Case) -> Attend:
@@ -302,10 +308,11 @@ def _flex(ctx: Context, case: Case) -> Attend:
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
 
-def _eager(case: Case, device: torch.device) -> Attend:
-    _quadratic(case)
+def eager_attention(case: Case, device: torch.device, bias: torch.Tensor | None = None) -> Attend:
+    """softmax(q k^T * scale + bias) v, or with the case's causal mask without a bias."""
+    skip_quadratic(case)
     seqlen, scale = case.params["seqlen"], 1 / math.sqrt(case.params["head_dim"])
-    causal = case.params["causal"]  # causal cases have L = S
+    causal = case.params["causal"] and bias is None  # causal cases have L = S
     # The mask is made once, as a model keeps it as a buffer.
     above = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).triu(1) if causal else None
 
@@ -313,6 +320,8 @@ def _eager(case: Case, device: torch.device) -> Attend:
         scores = (q @ k.transpose(-2, -1)) * scale
         if causal:
             scores = scores.masked_fill(above, float("-inf"))
+        elif bias is not None:
+            scores = scores + bias
         return torch.softmax(scores, dim=-1) @ v
 
     return eager
@@ -356,7 +365,7 @@ def _graph_kept_for_repeated_backward() -> Iterator[None]:
         yield
 
 
-def _step(attend: Attend, sets: list[_Inputs], mode: str) -> Callable[[], object]:
+def step(attend: Attend, sets: list[_Inputs], mode: str) -> Callable[[], object]:
     """One timed call on the next input set: a forward, a backward, or both."""
     if mode == "fwd":
         next_inputs = rotate(sets)
@@ -389,29 +398,29 @@ def _step(attend: Attend, sets: list[_Inputs], mode: str) -> Callable[[], object
 
 def _bench(ctx: Context, case: Case) -> Result:
     causal, mode = case.params["causal"], case.mode
-    sets = _make_inputs(ctx, case)
+    sets = make_inputs(ctx, case)
 
     def sdpa(provider: str) -> Provider:
         return Provider(
             provider,
-            lambda: _step(_sdpa_backend(ctx, case, provider, sets[0]), sets, mode),
+            lambda: step(sdpa_backend(ctx, case, provider, sets[0]), sets, mode),
             skip_on_error=f"{provider} cannot run this case",
         )
 
     def blhd(attend: Callable[[], Attend]) -> Callable[[], Callable[[], object]]:
         # Built on demand: only the providers that run get their own (B, L, H, D) copies.
-        return lambda: _step(attend(), [s.transposed() for s in sets], mode)
+        return lambda: step(attend(), [s.transposed() for s in sets], mode)
 
     providers = [
-        Provider("fastformer", lambda: _step(_fastformer(causal), sets, mode)),
+        Provider("fastformer", lambda: step(_fastformer(causal), sets, mode)),
         *(sdpa(name) for name in BACKENDS),
-        Provider("sdpa", lambda: _step(_sdpa_default(ctx, causal), sets, mode)),
+        Provider("sdpa", lambda: step(sdpa_default(ctx, causal), sets, mode)),
         Provider(
             "flex",
-            lambda: _step(_flex(ctx, case), sets, mode),
+            lambda: step(_flex(ctx, case), sets, mode),
             skip_on_error="FlexAttention failed",
         ),
-        Provider("eager", lambda: _step(_eager(case, ctx.device), sets, mode)),
+        Provider("eager", lambda: step(eager_attention(case, ctx.device), sets, mode)),
         Provider("flash_attn", blhd(lambda: _flash_attn(ctx, causal))),
         Provider("xformers", blhd(lambda: _xformers(ctx, causal))),
     ]

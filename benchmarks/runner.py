@@ -32,6 +32,7 @@ from .measure import device_peaks, dtype_name, parse_dtype, peak_memory_method
 SUITES: dict[str, str] = {
     "layer_norm_residual": ".bench_layer_norm_residual",
     "attention": ".bench_attention",
+    "attention_alibi": ".bench_attention_alibi",
     "feed_forward": ".bench_feed_forward",
     "transformer": ".bench_transformer",
 }

@@ -11,7 +11,9 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+import torch
 
+from fastformer import reference
 from tests.conftest import requires_extension
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -164,6 +166,46 @@ def test_attention_suite_runs_end_to_end(quick_run, monkeypatch):
             assert by_provider[provider]["reason"]
         assert {m["status"] for m in by_provider.values()} <= {"ok", "skipped"}
     assert written["suites"]["attention"]["targets"] == []
+
+
+@requires_extension
+def test_attention_alibi_suite_runs_end_to_end(quick_run, monkeypatch):
+    """Causal ALiBi cases: fastformer and the baselines given the bias as a float mask run
+    (eager not above the O(L^2) limit); the CUDA-only ones are skipped with a reason. The
+    mask the baselines get is the bias flash_attn_func computes in its kernels."""
+    from fastformer_benchmarks import bench_attention, bench_attention_alibi
+
+    import fastformer
+
+    tiny = bench_attention.Shapes(64, 64, (32,), (16, 32))
+    monkeypatch.setattr(bench_attention_alibi, "CPU_SHAPES", tiny)
+    monkeypatch.setattr(bench_attention, "QUADRATIC_MAX_SEQLEN", 16)
+    _, results = quick_run("attention_alibi")
+    assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
+        (f"{64 // seqlen}x2x{seqlen}x32 causal alibi", mode)
+        for seqlen in (16, 32)
+        for mode in ("fwd", "fwd+bwd")
+    }
+    for result in results:
+        by_provider = {m["provider"]: m for m in result["measurements"]}
+        for provider in ("fastformer", "sdpa", "sdpa-math", "eager"):
+            if provider in ("sdpa-math", "eager") and result["case"]["params"]["seqlen"] > 16:
+                assert "O(L^2) memory" in by_provider[provider]["reason"]
+                continue
+            assert by_provider[provider]["status"] == "ok", by_provider[provider]["reason"]
+        for provider in ("flash_attn", "flex", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"):
+            assert by_provider[provider]["status"] == "skipped"
+            assert by_provider[provider]["reason"]
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 8, 21, 16, generator=generator) for _ in "qkv")
+    slopes = bench_attention_alibi.alibi_slopes(8, q.device)
+    mask = bench_attention_alibi.alibi_mask(slopes, 21, torch.float64)
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask)
+    out = fastformer.flash_attn_func(
+        *(t.transpose(1, 2) for t in (q, k, v)), causal=True, alibi_slopes=slopes
+    )
+    torch.testing.assert_close(out.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @requires_extension
