@@ -4,8 +4,9 @@
 // The maths, masks, band, dropout draws and saved statistics are those of the Triton kernels
 // (kernels/attention.py states them), so both backends give the same results, dropout
 // masks included. For query i of head h and key j, in base 2:
-//   s_ij = log2(e) * (scale * q_i . k_j + mask_ij - slope_bh * |j - (i + offset)|), -inf
-//          where hidden (bool mask, band); the ALiBi term only with alibi_slopes
+//   s_ij = log2(e) * (cap(scale * q_i . k_j) + mask_ij - slope_bh * |j - (i + offset)|),
+//          -inf where hidden (bool mask, band); the ALiBi term only with alibi_slopes;
+//          cap(u) = softcap * tanh(u / softcap) with softcap > 0, else u
 //   m_i = max_j s_ij,  l_i = sum_j exp2(s_ij - m_i),  out_i = sum_j exp2(s_ij - m_i) z_ij v_j / l_i
 // with z_ij the dropout multiplier (keep / (1 - p)), drawn from Philox at offset
 // ((b * Hq + h) * L + i) * S + j (philox.h). stats keeps (m_i, log2 l_i) per row.
@@ -173,6 +174,29 @@ std::pair<int64_t, int64_t> score_row(T* s, int64_t n, const Mask& mask, const c
   return {vis_lo, vis_hi};
 }
 
+// Soft-capping of one row of a score tile holding u / softcap (the tile product's alpha,
+// Problem::tile_alpha): s = cap2 * tanh(u / softcap), cap2 = softcap * log2(e), in base-2
+// units; the tanh kept in tanh_row when given (the backward's d cap / du = 1 - tanh^2).
+template <typename T>
+void cap_scores(T* s, int64_t n, T cap2, T* tanh_row) {
+  using V = Vectorized<T>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V t = V::loadu(s + j).tanh();
+    if (tanh_row != nullptr) {
+      t.store(tanh_row + j);
+    }
+    (t * V(cap2)).store(s + j);
+  }
+  for (; j < n; ++j) {
+    const T t = std::tanh(s[j]);
+    if (tanh_row != nullptr) {
+      tanh_row[j] = t;
+    }
+    s[j] = t * cap2;
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // 2^f = e^(f ln 2) by its Taylor series to degree 7, for |f| <= 1/2: the truncation error is
 // below 6e-9 relative, a tenth of float's ulp.
@@ -333,6 +357,19 @@ struct Problem {
   Mask mask;
   Dropout dropout;
   std::vector<double> alibi;  // ALiBi slope of head (b, h) at b * Hq + h; empty without
+  double softcap;  // > 0: scores capped to softcap * tanh(u / softcap); 0: not capped
+
+  // alpha of a score tile's product q k^T: log2(e) * scale, or scale / softcap when
+  // capped (cap_scores then takes the tile to base-2 scores).
+  template <typename T>
+  T tile_alpha() const {
+    return static_cast<T>(softcap > 0.0 ? scale / softcap : scale * kLog2e);
+  }
+  // cap_scores's cap2 (0 when not capped).
+  template <typename T>
+  T cap2() const {
+    return static_cast<T>(softcap * kLog2e);
+  }
 
   // The ALiBi slope of head (b, h) in base-2 score units (0 without ALiBi): score_row's alibi.
   template <typename T>
@@ -359,7 +396,7 @@ std::vector<double> alibi_slopes_of(const char* op, const std::optional<Tensor>&
 Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
                    const std::optional<Tensor>& mask,
                    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& seed,
-                   double scale, double dropout_p, int64_t diagonal_offset, int64_t window_left,
+                   double scale, double softcap, double dropout_p, int64_t diagonal_offset, int64_t window_left,
                    int64_t window_right) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
               ": q, k and v must be 4-D (B, H, L, E), got ", q.sizes(), ", ", k.sizes(),
@@ -374,6 +411,8 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
               op, ": k and v must be (B, Hkv, S, *) with Hkv dividing q's heads, got q ",
               q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op,
+              ": softcap must be finite and >= 0 (0: no capping), got ", softcap);
   TORCH_CHECK(k.size(2) == v.size(2) && k.size(3) == q.size(3), op,
               ": k must have q's head dim and v k's length, got q ", q.sizes(), ", k ",
               k.sizes(), ", v ", v.sizes());
@@ -386,7 +425,7 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
   }
   Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tile_shape(L, S), scale,
             Band{diagonal_offset, window_left, window_right, L, S}, Mask::of(mask),
-            make_dropout(op, seed, dropout_p), alibi_slopes_of(op, alibi_slopes, B, Hq)};
+            make_dropout(op, seed, dropout_p), alibi_slopes_of(op, alibi_slopes, B, Hq), softcap};
   return p;
 }
 
@@ -412,7 +451,6 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
   const int64_t block_m = p.tiles.m_fwd, block_n = p.tiles.n_fwd;
   const int64_t rows = std::min(block_m, p.L - i0);
   const int64_t kv_h = h / p.group;
-  const T qk_scale = static_cast<T>(p.scale * kLog2e);
   const int64_t key_lo = p.band.lo(i0);
   const int64_t key_hi = std::max(key_lo, p.band.hi(i0 + rows - 1));
   const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of lse, stats
@@ -429,11 +467,14 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
     const int64_t n = std::min(block_n, key_hi - j0);
     // The first chunk writes acc (beta = 0) instead of rescaling and adding to zeros.
     const bool first_chunk = j0 == key_lo;
-    gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
-            T(0), tile.data(), block_n);
+    gemm<T>(false, true, rows, n, p.D, p.tile_alpha<T>(), q.at(b, h, i0), q.sm,
+            k.at(b, kv_h, j0), k.sm, T(0), tile.data(), block_n);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       T* s = tile.data() + r * block_n;
+      if (p.softcap > 0.0) {
+        cap_scores<T>(s, n, p.cap2<T>(), nullptr);
+      }
       const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i);
       score_row<T>(s, n, p.mask, mask_row, p.band, alibi, i, j0);
       // std::max keeps a NaN m_i (NaN < x is false), so a NaN row stays NaN.
@@ -483,9 +524,10 @@ void forward_block(const Problem& p, const Heads<const T>& q, const Heads<const 
 std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
     const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& seed, double scale,
-    double dropout_p, int64_t diagonal_offset, int64_t window_left, int64_t window_right) {
-  const Problem p = problem_of(kFwd, q, k, v, mask, alibi_slopes, seed, scale, dropout_p,
-                               diagonal_offset, window_left, window_right);
+    double softcap, double dropout_p, int64_t diagonal_offset, int64_t window_left,
+    int64_t window_right) {
+  const Problem p = problem_of(kFwd, q, k, v, mask, alibi_slopes, seed, scale, softcap,
+                               dropout_p, diagonal_offset, window_left, window_right);
   const auto dtype = q.scalar_type();
   Tensor out = empty_in_layout_of(q, {p.B, p.Hq, p.L, p.DV}, dtype);
   Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options());
@@ -518,15 +560,17 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_fwd(
 // Backward
 // ------------------------------------------------------------------------------------------
 
-// Per-thread tiles of the backward: probabilities and dP / dS, and with dropout the dropped
-// probabilities and the dropout multipliers (empty without dropout).
+// Per-thread tiles of the backward: probabilities and dP / dS, with dropout the dropped
+// probabilities and the dropout multipliers, with softcap the tanh of the capped scores
+// (each empty without its feature).
 template <typename T>
 struct BackwardTiles {
-  std::vector<T> p, p_dropped, ds, dropout_row;
+  std::vector<T> p, p_dropped, ds, dropout_row, tanh;
   std::vector<int64_t> vis_lo, vis_hi;
-  BackwardTiles(const TileShape& s, bool dropout)
+  BackwardTiles(const TileShape& s, bool dropout, bool softcap)
       : p(s.m_bwd * s.n_bwd), p_dropped(dropout ? s.m_bwd * s.n_bwd : 0), ds(s.m_bwd * s.n_bwd),
-        dropout_row(dropout ? s.m_bwd * s.n_bwd : 0), vis_lo(s.m_bwd), vis_hi(s.m_bwd) {}
+        dropout_row(dropout ? s.m_bwd * s.n_bwd : 0), tanh(softcap ? s.m_bwd * s.n_bwd : 0),
+        vis_lo(s.m_bwd), vis_hi(s.m_bwd) {}
 };
 
 // dK, dV of keys [j0, j0 + n) of kv head kv_h, and their share of dQ, from query block
@@ -539,17 +583,19 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
                    int64_t i0, int64_t rows, int64_t j0, int64_t n, BackwardTiles<T>& t) {
   const int64_t ld = p.tiles.n_bwd;
   const int64_t kv_h = h / p.group;
-  const T qk_scale = static_cast<T>(p.scale * kLog2e);
   const T scale = static_cast<T>(p.scale);
   const int64_t row0 = (b * p.Hq + h) * p.L + i0;  // of stats
   const T alibi = p.alibi_base2<T>(b, h);
   const T* dout = grad_out.at(b, h, i0);
-  gemm<T>(false, true, rows, n, p.D, qk_scale, q.at(b, h, i0), q.sm, k.at(b, kv_h, j0), k.sm,
-          T(0), t.p.data(), ld);
+  gemm<T>(false, true, rows, n, p.D, p.tile_alpha<T>(), q.at(b, h, i0), q.sm, k.at(b, kv_h, j0),
+          k.sm, T(0), t.p.data(), ld);
   int64_t* vis_lo = t.vis_lo.data();
   int64_t* vis_hi = t.vis_hi.data();
   for (int64_t r = 0; r < rows; ++r) {
     T* s = t.p.data() + r * ld;
+    if (p.softcap > 0.0) {
+      cap_scores<T>(s, n, p.cap2<T>(), t.tanh.data() + r * ld);
+    }
     const char* mask_row = p.mask.kind == Mask::kNone ? nullptr : p.mask.row(b, h, i0 + r);
     std::tie(vis_lo[r], vis_hi[r]) = score_row<T>(s, n, p.mask, mask_row, p.band, alibi, i0 + r,
                                                  j0);
@@ -592,6 +638,12 @@ void backward_tile(const Problem& p, const Heads<const T>& q, const Heads<const 
         ds[j] = pr[j] * (ds[j] - delta_i);
       }
     }
+    if (p.softcap > 0.0) {  // through the cap: d (softcap tanh(u / softcap)) / du = 1 - tanh^2
+      const T* th = t.tanh.data() + r * ld;
+      for (int64_t j = 0; j < n; ++j) {
+        ds[j] *= T(1) - th[j] * th[j];
+      }
+    }
     // Hidden scores get no gradient, even where dP is NaN (a NaN value the row cannot see).
     std::fill(ds, ds + vis_lo[r], T(0));
     std::fill(ds + vis_hi[r], ds + n, T(0));
@@ -630,9 +682,10 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& stats, const std::optional<Tensor>& grad_lse, const std::optional<Tensor>& mask,
     const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& seed, double scale,
-    double dropout_p, int64_t diagonal_offset, int64_t window_left, int64_t window_right) {
-  const Problem p = problem_of(kBwd, q, k, v, mask, alibi_slopes, seed, scale, dropout_p,
-                               diagonal_offset, window_left, window_right);
+    double softcap, double dropout_p, int64_t diagonal_offset, int64_t window_left,
+    int64_t window_right) {
+  const Problem p = problem_of(kBwd, q, k, v, mask, alibi_slopes, seed, scale, softcap,
+                               dropout_p, diagonal_offset, window_left, window_right);
   const auto dtype = q.scalar_type();
   const std::vector<int64_t> out_shape{p.B, p.Hq, p.L, p.DV};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) &&
@@ -684,7 +737,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_attention_bwd(
     const T* stats_data = stats_c.data_ptr<T>();
     const T* grad_lse_data = has_grad_lse ? grad_lse_c.data_ptr<T>() : nullptr;
     at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
-      BackwardTiles<T> tiles(p.tiles, p.dropout.enabled);
+      BackwardTiles<T> tiles(p.tiles, p.dropout.enabled, p.softcap > 0.0);
       std::vector<T> delta(p.group * p.L);  // delta of the group's query heads
       for (int64_t task = begin; task < end; ++task) {
         const int64_t pair = task / parts, part = task % parts;

@@ -57,7 +57,8 @@ TORCH_LIBRARY(fastformer, m) {
   // switched on. q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides, Hkv
   // dividing Hq; mask broadcast to (B, Hq, L, S) by its strides (bool keeps where
   // true, float is added to the scores); alibi_slopes (B, Hq), any strides, adds
-  // -slope * |j - (i + diagonal_offset)| to the score of query i and key j. Key j is visible
+  // -slope * |j - (i + diagonal_offset)| to the score of query i and key j; softcap > 0 caps
+  // the scaled products first, softcap * tanh(scale * q.k / softcap). Key j is visible
   // to query i iff
   //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right
   // (a negative side is unbounded). Returns out (B, Hq, L, Dv), lse (B, Hq, L) and stats
@@ -67,13 +68,14 @@ TORCH_LIBRARY(fastformer, m) {
   // offset ((b * Hq + h) * L + i) * S + j.
   m.def(
       "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, "
-      "Tensor? seed, float scale, float dropout_p, int diagonal_offset, int window_left, "
-      "int window_right) -> (Tensor out, Tensor lse, Tensor stats)");
+      "Tensor? seed, float scale, float softcap, float dropout_p, int diagonal_offset, "
+      "int window_left, int window_right) -> (Tensor out, Tensor lse, Tensor stats)");
   // Backward of the above; grad_lse, when given, is the gradient flowing into lse.
   m.def(
       "cpu_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor stats, Tensor? grad_lse, Tensor? mask, Tensor? alibi_slopes, Tensor? seed, "
-      "float scale, float dropout_p, int diagonal_offset, int window_left, int window_right) "
+      "float scale, float softcap, float dropout_p, int diagonal_offset, int window_left, "
+      "int window_right) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // The cache of freed CPU output blocks (cpu_allocation.h): its state

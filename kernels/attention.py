@@ -3,7 +3,8 @@ bool or float masks, ALiBi, banded masking (causal, sliding windows) and dropout
 
 Maths, for query i of head h (reading kv head h // (Hq / Hkv)) of batch b and key j, in
 float32:
-    s_ij  = scale * q_i . k_j + mask_ij           bool mask: -inf where False
+    s_ij  = cap(scale * q_i . k_j) + mask_ij      bool mask: -inf where False; cap(u) =
+                                                  softcap * tanh(u / softcap) with a softcap
     s_ij -= slope_bh * |j - (i + offset)|         with ALiBi slopes (B, Hq), computed in-kernel
     s_ij  = -inf unless  i + offset - left <= j <= i + offset + right   (band; a side < 0 is open)
     lse_i = log sum_j exp(s_ij)                   -inf when every key of row i is masked
@@ -43,6 +44,7 @@ Limits and choices:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -92,7 +94,7 @@ MAX_SPLIT_LENGTH, MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS = 16, 256, 64
 # Keys of the autotuning cache (the dtypes of the tensor arguments are added by Triton); the
 # forward's adds SPLIT. tools/autotune_report.py names the keys of stored tunings by them.
 TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "L_BUCKET", "S_BUCKET", "HAS_MASK", "MASK_IS_BOOL",
-              "HAS_ALIBI", "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
+              "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "BAND_LEFT", "BAND_RIGHT"]
 FWD_TUNING_KEY = [*TUNING_KEY, "SPLIT"]
 
 
@@ -179,33 +181,39 @@ def _block_bounds(start, last, n, c_lo, c_hi, HAS_LO: tl.constexpr, HAS_HI: tl.c
 
 @triton.jit
 def _scores(
-    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, alibi_slope,
+    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, cap2, alibi_slope,
     diagonal_offset, window_left, window_right, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, BAND_LEFT: tl.constexpr,
-    BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
 ):
     """Masked scores of a tile in base 2, log2(e) * s. i and j are the query and key
-    positions, broadcastable to the tile ([BM, 1] and [1, BN], or transposed); alibi_slope
-    is the head's ALiBi slope times log2(e) (see _alibi_slope). EDGE applies the band and
-    the bounds of both sequences."""
-    s, _visible = _scores_and_visibility(
-        qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, alibi_slope,
+    positions, broadcastable to the tile ([BM, 1] and [1, BN], or transposed); qk_scale and
+    cap2 are _score_scales'; alibi_slope is the head's ALiBi slope times log2(e) (see
+    _alibi_slope). EDGE applies the band and the bounds of both sequences."""
+    s, _visible, _capped = _scores_and_visibility(
+        qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, cap2, alibi_slope,
         diagonal_offset, window_left, window_right, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI,
-        BAND_LEFT, BAND_RIGHT, EDGE)
+        HAS_SOFTCAP, BAND_LEFT, BAND_RIGHT, EDGE)
     return s
 
 
 @triton.jit
 def _scores_and_visibility(
-    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, alibi_slope,
+    qk, MASK, mask_offset, i, j, stride_mm, stride_mn, L, S, qk_scale, cap2, alibi_slope,
     diagonal_offset, window_left, window_right, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, BAND_LEFT: tl.constexpr,
-    BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr, EDGE: tl.constexpr,
 ):
-    """_scores, and which scores are visible: not hidden by a boolean mask, the band or the
-    bounds. A float mask's -inf counts as visible, as the reference adds it to the score
-    (this tells a masked-out score from one that is -inf by itself or by addition)."""
+    """_scores, which scores are visible (not hidden by a boolean mask, the band or the
+    bounds), and with HAS_SOFTCAP the tanh of the capped scores (the backward's
+    d cap / du = 1 - tanh^2; else the scores, unused). A float mask's -inf counts as
+    visible, as the reference adds it to the score (this tells a masked-out score from one
+    that is -inf by itself or by addition)."""
     s = qk * qk_scale
+    capped = s
+    if HAS_SOFTCAP:  # s holds u / softcap: tanh(x) = 1 - 2 / (e^2x + 1), finite at +-inf
+        capped = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * LOG2E)) + 1.0)
+        s = capped * cap2
     visible = (i >= 0) & (j >= 0)  # all True, in the tile's shape
     if HAS_MASK:
         offsets = mask_offset + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
@@ -227,7 +235,17 @@ def _scores_and_visibility(
             inside = inside & (j <= i + (diagonal_offset + window_right))
         visible = visible & inside
         s = tl.where(inside, s, float("-inf"))
-    return s, visible
+    return s, visible, capped
+
+
+@triton.jit
+def _score_scales(scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(qk_scale, cap2): the products q . k times qk_scale give base-2 scores,
+    log2(e) * scale, or with HAS_SOFTCAP u / softcap, which the cap takes to base-2 scores
+    as cap2 * tanh(u / softcap), cap2 = log2(e) * softcap."""
+    if HAS_SOFTCAP:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
 
 
 @triton.jit
@@ -299,6 +317,7 @@ def _attention_fwd_kernel(
     D,  # head dim of q and k
     DV,  # head dim of v
     scale,  # softmax scale of q . k
+    softcap,  # scores capped to softcap * tanh(scale * q . k / softcap) (used when HAS_SOFTCAP)
     diagonal_offset,  # band centre: key i + diagonal_offset for query i
     window_left,  # keys visible left of the centre (used when BAND_LEFT)
     window_right,  # keys visible right of the centre (used when BAND_RIGHT)
@@ -308,6 +327,7 @@ def _attention_fwd_kernel(
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
     HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
@@ -333,7 +353,7 @@ def _attention_fwd_kernel(
     alibi_slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
     rng_offset = bh.to(tl.int64) * L * S
     seed = tl.load(SEED) if HAS_DROPOUT else 0
-    qk_scale = scale * LOG2E
+    qk_scale, cap2 = _score_scales(scale, softcap, HAS_SOFTCAP)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base 2
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
@@ -362,8 +382,9 @@ def _attention_fwd_kernel(
             k = _load_rows(k_base, keys, S, stride_kn, cols_d, D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = _scores(qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn,
-                        L, S, qk_scale, alibi_slope, diagonal_offset, window_left, window_right,
-                        HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, BAND_LEFT, BAND_RIGHT, phase != 1)
+                        L, S, qk_scale, cap2, alibi_slope, diagonal_offset, window_left,
+                        window_right, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, BAND_LEFT,
+                        BAND_RIGHT, phase != 1)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
             alpha = tl.math.exp2(m_i - m_safe)
@@ -476,7 +497,7 @@ class _Problem(NamedTuple):
 
 
 def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None,
+           alibi_slopes: torch.Tensor | None, seed: torch.Tensor | None, softcap: float,
            dropout_p: float) -> _Problem:
     """Shapes, dtypes and strides the kernels rely on; a ValueError naming the culprit."""
     require_unit_column_stride(op, q=q, k=k, v=v)
@@ -510,14 +531,16 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                          f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
     if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
         raise ValueError(f"{op}: dropout needs a 1-element int64 seed tensor")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"{op}: softcap must be finite and >= 0 (0: no capping), got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     return _Problem(batch, heads, kv_heads, length, source, head_dim, value_dim)
 
 
 def _features(problem: _Problem, q: torch.Tensor, mask: torch.Tensor | None,
-              alibi_slopes: torch.Tensor | None, dropout_p: float, window_left: int,
-              window_right: int) -> dict:
+              alibi_slopes: torch.Tensor | None, softcap: float, dropout_p: float,
+              window_left: int, window_right: int) -> dict:
     """The constexpr flags and keys shared by every kernel launch of a call."""
     return dict(
         L_BUCKET=next_power_of_2(problem.length),
@@ -525,6 +548,7 @@ def _features(problem: _Problem, q: torch.Tensor, mask: torch.Tensor | None,
         HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
         HAS_ALIBI=alibi_slopes is not None,
+        HAS_SOFTCAP=softcap > 0.0,
         HAS_DROPOUT=dropout_p > 0.0,
         BAND_LEFT=window_left >= 0,
         BAND_RIGHT=window_right >= 0,
@@ -573,6 +597,7 @@ def attention_forward(
     alibi_slopes: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale: float,
+    softcap: float,
     dropout_p: float,
     diagonal_offset: int,
     window_left: int,
@@ -585,7 +610,7 @@ def attention_forward(
     those of the op fastformer::attention_fwd, in its order. keep_residual: also return
     out_residual where q is in half precision (for the backward's delta). splits: programs
     sharing the keys of a query block (default: kv_splits())."""
-    problem = _check("attention_fwd", q, k, v, mask, alibi_slopes, seed, dropout_p)
+    problem = _check("attention_fwd", q, k, v, mask, alibi_slopes, seed, softcap, dropout_p)
     batch, heads, length = problem.batch, problem.heads, problem.length
     value_dim = problem.value_dim
     out = empty((batch, heads, length, value_dim), q.dtype, q.device)
@@ -609,7 +634,8 @@ def attention_forward(
         part_acc = torch.empty((splits, rows_total, value_dim), dtype=torch.float32,
                                device=q.device)
         part_stats = torch.empty((splits, rows_total, 2), dtype=torch.float32, device=q.device)
-    features = _features(problem, q, mask, alibi_slopes, dropout_p, window_left, window_right)
+    features = _features(problem, q, mask, alibi_slopes, softcap, dropout_p, window_left,
+                         window_right)
 
     def grid(meta):
         return (triton.cdiv(length, meta["BLOCK_M"]) * batch * heads * splits,)
@@ -619,7 +645,8 @@ def attention_forward(
         out_residual if has_residual else None, lse, stats, part_acc, part_stats, splits,
         rows_total, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides,
         *alibi_strides, heads, heads // problem.kv_heads, length, problem.source,
-        problem.head_dim, value_dim, scale, diagonal_offset, window_left, window_right, dropout_p,
+        problem.head_dim, value_dim, scale, softcap, diagonal_offset, window_left, window_right,
+        dropout_p,
         HAS_RESIDUAL=has_residual, SPLIT=splits > 1, **features,
     )
     if splits > 1:

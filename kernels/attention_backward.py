@@ -7,6 +7,7 @@ statistics, the row max m_i and log-sum l_i of the base-2 scores:
     dP_ij = z_ij / (1 - p_drop) * dO_i . v_j,    dS_ij = p_ij * (dP_ij - delta_i)
     dv_j  = sum_i p_ij * z_ij / (1 - p_drop) * dO_i,   dk_j = scale * sum_i dS_ij q_i
     dq_i  = scale * sum_j dS_ij k_j
+(with a softcap, dS_ij is taken through the cap: times 1 - tanh^2 of the capped score)
 (delta_i = rowsum(p * dP) holds with dropout too, since out_i carries the same z / (1 - p)).
 
 Limits and choices:
@@ -41,7 +42,6 @@ from .attention import (
     _DKDV_TILES,
     _DQ_TILES,
     _PREPROCESS_BLOCK_M,
-    LOG2E,
     _alibi_args,
     _alibi_slope,
     _autotune,
@@ -53,6 +53,7 @@ from .attention import (
     _load_rows,
     _mask_args,
     _program_block,
+    _score_scales,
     _scores_and_visibility,
 )
 
@@ -115,6 +116,7 @@ def _attention_bwd_dkdv_kernel(
     D,  # head dim of q and k
     DV,  # head dim of v
     scale,  # softmax scale of q . k
+    softcap,  # the forward's softcap (used when HAS_SOFTCAP)
     diagonal_offset,  # band centre: key i + diagonal_offset for query i
     window_left,  # keys visible left of the centre (used when BAND_LEFT)
     window_right,  # keys visible right of the centre (used when BAND_RIGHT)
@@ -124,6 +126,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
     HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
@@ -141,7 +144,7 @@ def _attention_bwd_dkdv_kernel(
     k = _load_rows(K + b * stride_kb + kv_h * stride_kh, keys, S, stride_kn, cols_d, D)
     v = _load_rows(V + b * stride_vb + kv_h * stride_vh, keys, S, stride_vn, cols_dv, DV)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
-    qk_scale = scale * LOG2E
+    qk_scale, cap2 = _score_scales(scale, softcap, HAS_SOFTCAP)
     # Scores are computed transposed, [keys, queries], so that dk and dv need no transposes.
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
@@ -171,10 +174,11 @@ def _attention_bwd_dkdv_kernel(
                 row_max, log2_sum = _load_row_stats(STATS + bh * L * 2, rows, L)
                 delta = tl.load(DELTA + bh * L + rows, mask=rows < L, other=0.0)
                 qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                s, visible = _scores_and_visibility(
+                s, visible, capped = _scores_and_visibility(
                     qk, MASK, mask_offset, rows[None, :], keys[:, None], stride_mm, stride_mn,
-                    L, S, qk_scale, alibi_slope, diagonal_offset, window_left, window_right,
-                    HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, BAND_LEFT, BAND_RIGHT, phase != 1)
+                    L, S, qk_scale, cap2, alibi_slope, diagonal_offset, window_left,
+                    window_right, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, BAND_LEFT,
+                    BAND_RIGHT, phase != 1)
                 p = tl.math.exp2((s - row_max[None, :]) - log2_sum[None, :])
                 dp = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
                 if HAS_DROPOUT:
@@ -188,6 +192,8 @@ def _attention_bwd_dkdv_kernel(
                 dv = tl.dot(p_kept.to(grad_out.dtype), grad_out, dv,
                             input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[None, :])
+                if HAS_SOFTCAP:
+                    ds = ds * (1.0 - capped * capped)
                 if (HAS_MASK and MASK_IS_BOOL) or phase != 1:  # hidden: dS = 0 (docstring)
                     ds = tl.where(visible, ds, 0.0)
                 dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
@@ -225,6 +231,7 @@ def _attention_bwd_dq_kernel(
     D,  # head dim of q and k
     DV,  # head dim of v
     scale,  # softmax scale of q . k
+    softcap,  # the forward's softcap (used when HAS_SOFTCAP)
     diagonal_offset,  # band centre: key i + diagonal_offset for query i
     window_left,  # keys visible left of the centre (used when BAND_LEFT)
     window_right,  # keys visible right of the centre (used when BAND_RIGHT)
@@ -234,6 +241,7 @@ def _attention_bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,  # bool mask (keep where nonzero), else added
     HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BAND_LEFT: tl.constexpr,  # window_left >= 0
     BAND_RIGHT: tl.constexpr,  # window_right >= 0
@@ -259,7 +267,7 @@ def _attention_bwd_dq_kernel(
     alibi_slope = _alibi_slope(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
     rng_offset = bh.to(tl.int64) * L * S
     seed = tl.load(SEED) if HAS_DROPOUT else 0
-    qk_scale = scale * LOG2E
+    qk_scale, cap2 = _score_scales(scale, softcap, HAS_SOFTCAP)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     last_m = tl.minimum(start_m + BLOCK_M, L) - 1
@@ -277,16 +285,19 @@ def _attention_bwd_dq_kernel(
             k = _load_rows(k_base, keys, S, stride_kn, cols_d, D)
             v = _load_rows(v_base, keys, S, stride_vn, cols_dv, DV)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s, visible = _scores_and_visibility(
+            s, visible, capped = _scores_and_visibility(
                 qk, MASK, mask_offset, rows[:, None], keys[None, :], stride_mm, stride_mn, L, S,
-                qk_scale, alibi_slope, diagonal_offset, window_left, window_right, HAS_MASK,
-                MASK_IS_BOOL, HAS_ALIBI, BAND_LEFT, BAND_RIGHT, phase != 1)
+                qk_scale, cap2, alibi_slope, diagonal_offset, window_left, window_right,
+                HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, BAND_LEFT, BAND_RIGHT,
+                phase != 1)
             p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
             dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, rng_offset, rows[:, None], keys[None, :], S, dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - capped * capped)
             if (HAS_MASK and MASK_IS_BOOL) or phase != 1:  # hidden: dS = 0 (docstring)
                 ds = tl.where(visible, ds, 0.0)
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -315,6 +326,7 @@ def attention_backward(
     alibi_slopes: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale: float,
+    softcap: float,
     dropout_p: float,
     diagonal_offset: int,
     window_left: int,
@@ -324,7 +336,7 @@ def attention_backward(
     """Launch the backward kernels; see the module docstring for the maths. The arguments
     are those of the op fastformer::attention_bwd, in its order."""
     op = "attention_bwd"
-    problem = _check(op, q, k, v, mask, alibi_slopes, seed, dropout_p)
+    problem = _check(op, q, k, v, mask, alibi_slopes, seed, softcap, dropout_p)
     require_unit_column_stride(op, grad_out=grad_out, out=out)
     batch, heads, kv_heads = problem.batch, problem.heads, problem.kv_heads
     length, source = problem.length, problem.source
@@ -346,13 +358,15 @@ def attention_backward(
     grad_v = empty(tuple(v.shape), v.dtype, device)
     stats = stats.contiguous()  # the forward's already are
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=device)
-    features = _features(problem, q, mask, alibi_slopes, dropout_p, window_left, window_right)
+    features = _features(problem, q, mask, alibi_slopes, softcap, dropout_p, window_left,
+                         window_right)
     mask_arg, mask_strides = _mask_args(mask)
     alibi_arg, alibi_strides = _alibi_args(alibi_slopes)
     seed_arg = seed if dropout_p > 0.0 else None
     shared = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *alibi_strides,
               *grad_out.stride()[:3], heads, heads // kv_heads, length, source, problem.head_dim,
-              problem.value_dim, scale, diagonal_offset, window_left, window_right, dropout_p)
+              problem.value_dim, scale, softcap, diagonal_offset, window_left, window_right,
+              dropout_p)
 
     if batch * heads * length > 0:
         preprocess_grid = (triton.cdiv(length, _PREPROCESS_BLOCK_M) * batch * heads,)

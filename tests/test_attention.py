@@ -490,9 +490,9 @@ def test_flash_attn_func_alibi(
     calls = []
     attend = attention_ops._attend
 
-    def spy(q, k, v, mask, *band, alibi_slopes=None):
+    def spy(q, k, v, mask, *band, alibi_slopes=None, **options):
         calls.append((mask, alibi_slopes))
-        return attend(q, k, v, mask, *band, alibi_slopes=alibi_slopes)
+        return attend(q, k, v, mask, *band, alibi_slopes=alibi_slopes, **options)
 
     monkeypatch.setattr(attention_ops, "_attend", spy)
     _flash_vs_reference(q, k, v, atol, causal=causal, slopes=slopes)
@@ -502,20 +502,20 @@ def test_flash_attn_func_alibi(
         torch.testing.assert_close(passed, slopes.to(passed.dtype).expand(2, 4), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES)
+@pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attn_func_softcap_runs_the_reference_and_says_so(causal, monkeypatch):
-    """softcap: softcap * tanh(scores / softcap), through the reference's math (the kernels
-    have none): warned about (once per op) and counted by fastformer.info(); with ALiBi too."""
+def test_flash_attn_func_softcap(kernels, device, impl, dtype, atol, alibi, causal):
+    """softcap: the scaled scores capped to softcap * tanh(s / softcap) inside the kernels
+    (nothing falls back), before the ALiBi bias; gradients through the cap."""
     generator = torch.Generator().manual_seed(6)
-    q = torch.randn(2, 7, 4, 16, generator=generator) * 3  # scores large enough to be capped
-    k, v = (torch.randn(2, 11, 2, 16, generator=generator) for _ in "kv")
-    monkeypatch.setattr(fastformer.backend, "_warned", set())
-    before = fastformer.info()["fallback_calls"].get("scaled_dot_product_attention", 0)
-    with pytest.warns(UserWarning, match="softcap is not in the kernels"):
-        _flash_vs_reference(q, k, v, 1e-5, causal=causal, softcap=2.0)
-    _flash_vs_reference(q, k, v, 1e-5, causal=causal, softcap=2.0, slopes=torch.rand(4))
-    after = fastformer.info()["fallback_calls"]["scaled_dot_product_attention"]
-    assert after == before + 2
+    q = _randn(2, 7, 4, 32, dtype=dtype, device=device, generator=generator) * 3
+    k, v = (_randn(2, 11, 2, 32, dtype=dtype, device=device, generator=generator) for _ in "kv")
+    slopes = (torch.rand(4, generator=generator) * 0.5).to(device) if alibi else None
+    before = dict(fastformer.info()["fallback_calls"])
+    # softcap 2 caps scores of about 5 (q scaled by 3) to within 2: the cap matters.
+    _flash_vs_reference(q, k, v, atol, causal=causal, slopes=slopes, softcap=2.0)
+    assert fastformer.info()["fallback_calls"] == before
 
 
 @requires_extension
@@ -555,26 +555,27 @@ def test_flash_attn_func_bad_input():
 
 
 @requires_extension
-@pytest.mark.parametrize("variant", ["plain", "mask-dropout", "band-gqa-alibi"])
+@pytest.mark.parametrize("variant", ["plain", "mask-dropout", "band-gqa-alibi-softcap"])
 def test_cpp_ops_opcheck(variant):
     """The C++ CPU ops against their schemas and fake kernels (torch.library.opcheck)."""
     generator = torch.Generator().manual_seed(8)
-    heads_kv = 1 if variant == "band-gqa" else 2
+    heads_kv = 1 if variant.startswith("band-gqa") else 2
     q = torch.randn(2, 2, 9, 16, generator=generator)
     k, v = (torch.randn(2, heads_kv, 13, d, generator=generator) for d in (16, 8))
     mask = slopes = seed = None
-    dropout_p, band = 0.0, (0, -1, -1)
+    dropout_p, softcap, band = 0.0, 0.0, (0, -1, -1)
     if variant == "mask-dropout":
         mask = torch.randn(1, 2, 9, 13, generator=generator).expand(2, 2, 9, 13)
         seed, dropout_p = torch.tensor([77], dtype=torch.int64), 0.25
-    if variant == "band-gqa-alibi":
-        band = (4, 3, 0)
+    if variant == "band-gqa-alibi-softcap":
+        band, softcap = (4, 3, 0), 0.5
         slopes = torch.rand(2, generator=generator).expand(2, 2)
-    arguments = (q, k, v, mask, slopes, seed, 0.25, dropout_p, *band)
+    arguments = (q, k, v, mask, slopes, seed, 0.25, softcap, dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_fwd.default, arguments)
     out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    backward = (grad_out, q, k, v, out, stats, grad_lse, mask, slopes, seed, 0.25, dropout_p, *band)
+    backward = (grad_out, q, k, v, out, stats, grad_lse, mask, slopes, seed, 0.25, softcap)
+    backward += (dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_bwd.default, backward)
 
 
@@ -587,7 +588,7 @@ def test_triton_half_precision_out_residual(keep_residual):
     op's schema and fake kernel (opcheck) in both modes."""
     generator = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, 19, 16, generator=generator).half() for _ in range(3))
-    arguments = (q, k, v, None, None, None, 0.25, 0.0, 0, -1, -1, keep_residual)
+    arguments = (q, k, v, None, None, None, 0.25, 0.0, 0.0, 0, -1, -1, keep_residual)
     with fastformer.triton_on_cpu(True):
         out, _lse, _stats, residual = torch.ops.fastformer.attention_fwd(*arguments)
         torch.library.opcheck(torch.ops.fastformer.attention_fwd.default, arguments)
@@ -625,17 +626,17 @@ def test_cpp_outputs_laid_out_as_inputs(batch_first):
     generator = torch.Generator().manual_seed(10)
     no_band = (0, -1, -1)  # diagonal offset, window left and right: every key visible
     q, k, v = _projection_views(batch_first, generator)
-    arguments = (q, k, v, None, None, None, 0.25, 0.0, *no_band)
+    arguments = (q, k, v, None, None, None, 0.25, 0.0, 0.0, *no_band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_fwd.default, arguments)
     out, _lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
     grad_out = torch.randn(out.shape, generator=generator)
     grads = torch.ops.fastformer.cpu_attention_bwd(
-        grad_out, q, k, v, out, stats, None, None, None, None, 0.25, 0.0, *no_band
+        grad_out, q, k, v, out, stats, None, None, None, None, 0.25, 0.0, 0.0, *no_band
     )
     with torch._subclasses.FakeTensorMode() as mode:
         fake_q, fake_k, fake_v = (mode.from_tensor(t) for t in (q, k, v))
         fake_out = torch.ops.fastformer.cpu_attention_fwd(
-            fake_q, fake_k, fake_v, None, None, None, 0.25, 0.0, *no_band
+            fake_q, fake_k, fake_v, None, None, None, 0.25, 0.0, 0.0, *no_band
         )[0]
         fake_grads = torch.ops.fastformer.cpu_attention_bwd(
             fake_out,
@@ -649,6 +650,7 @@ def test_cpp_outputs_laid_out_as_inputs(batch_first):
             None,
             None,
             0.25,
+            0.0,
             0.0,
             *no_band,
         )

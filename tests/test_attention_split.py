@@ -85,6 +85,7 @@ def _launch(device, dtype, variant, splits, *, source=530, seed=0):
             slopes,
             seed_tensor,
             16**-0.5,
+            0.0,
             dropout_p,
             source - length,
             left,
@@ -163,7 +164,7 @@ def test_split_policy():
     with pytest.raises(ValueError, match="splits must be >= 1"):
         q = torch.zeros(1, 1, 1, 16)
         attention_kernels.attention_forward(
-            q, q, q, None, None, None, 1.0, 0.0, 0, -1, -1, False, splits=0
+            q, q, q, None, None, None, 1.0, 0.0, 0.0, 0, -1, -1, False, splits=0
         )
 
 
@@ -198,6 +199,7 @@ def test_split_key_ranges_fuzzed(
         None,
         None,
         0.25,
+        0.0,
         0.0,
         source - length + offset_shift,
         window_left,

@@ -240,6 +240,7 @@ class FlashCase:
     layouts: tuple[Layout, Layout, Layout]  # of the (B, L, H, D) tensors
     broadcast_grad: bool
     seed: int
+    softcap: float = 0.0  # > 0: scores capped to softcap * tanh(s / softcap)
 
 
 @st.composite
@@ -270,6 +271,7 @@ def flash_cases(draw: st.DrawFn, *, interpreter: bool) -> FlashCase:
         layouts=tuple(draw(layouts(4)) for _ in range(3)),
         broadcast_grad=draw(st.booleans()),
         seed=draw(seeds),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.7, 30.0])),
     )
 
 
@@ -297,8 +299,8 @@ def _alibi_slopes(case: FlashCase, generator: torch.Generator) -> Tensor | None:
 
 def _reference_flash(case: FlashCase, slopes: Tensor | None) -> Call:
     """flash_attn_func through reference.scaled_dot_product_attention with the band (and
-    the ALiBi bias -slope * |i + S - L - j|) as a mask, and the log-sum-exp of the scores
-    as the reference computes them."""
+    the ALiBi bias -slope * |i + S - L - j|) as a mask and the softcap, and the
+    log-sum-exp of the scores as the reference computes them."""
     visible = _visible(case)
     groups = case.heads[0] // case.heads[1]
     bias = None
@@ -312,13 +314,21 @@ def _reference_flash(case: FlashCase, slopes: Tensor | None) -> Call:
         acc = reference.accumulation_dtype(q.dtype)
         mask = visible if bias is None else bias.to(acc).masked_fill(~visible, float("-inf"))
         out = reference.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=case.softmax_scale, enable_gqa=True
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=case.softmax_scale,
+            enable_gqa=True,
+            softcap=case.softcap,
         )
         results = {"out": out.transpose(1, 2)}
         if case.return_lse:
             scale = case.softmax_scale or 1.0 / math.sqrt(case.head_dim)
             k = k.repeat_interleave(groups, dim=1)
             scores = (q @ k.transpose(-2, -1)).to(acc) * scale
+            if case.softcap > 0.0:
+                scores = case.softcap * torch.tanh(scores / case.softcap)
             scores = scores if bias is None else scores + bias.to(acc)
             lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
             # Compared, not backpropagated: test_triton_lse_gradient checks its gradient.
@@ -348,6 +358,7 @@ def flash_problem(case: FlashCase, generator: torch.Generator, dropout_p: float 
             causal=case.causal,
             window_size=case.window,
             alibi_slopes=slopes,
+            softcap=case.softcap,
             return_lse=case.return_lse,
         )
         if not case.return_lse:

@@ -541,7 +541,7 @@ def test_attention_over_2_31_elements(use_implementation, device, impl):
     grad_row = randn(1, heads, length, dim, device=device, dtype=dtype, seed=33)
     scale, band = dim**-0.5, (0, -1, -1)  # band: every key visible
     out, _lse, stats, residual = torch.ops.fastformer.attention_fwd(
-        q, k, v, None, None, None, scale, 0.0, *band, True
+        q, k, v, None, None, None, scale, 0.0, 0.0, *band, True
     )
     grads = torch.ops.fastformer.attention_bwd(
         grad_row.expand(batch, -1, -1, -1),
@@ -555,6 +555,7 @@ def test_attention_over_2_31_elements(use_implementation, device, impl):
         None,
         None,
         scale,
+        0.0,
         0.0,
         *band,
         residual,
@@ -615,10 +616,10 @@ def test_attention_launchers_grid_over_65535_heads(monkeypatch):
     q = torch.zeros(1, 1, 1, dim).expand(batch, heads, length, dim)
     kv = torch.zeros(1, 1, 1, dim).expand(batch, heads, source, dim)
     out, _lse, stats, residual = attention.attention_forward(
-        q, kv, kv, None, None, None, 0.25, 0.0, 0, -1, -1, False
+        q, kv, kv, None, None, None, 0.25, 0.0, 0.0, 0, -1, -1, False
     )
     attention_backward.attention_backward(
-        out, q, kv, kv, out, stats, None, None, None, None, 0.25, 0.0, 0, -1, -1, residual
+        out, q, kv, kv, out, stats, None, None, None, None, 0.25, 0.0, 0.0, 0, -1, -1, residual
     )
     blocks = {
         "_attention_fwd_kernel": math.ceil(length / 16),

@@ -93,6 +93,12 @@ def model(name: str) -> torch.nn.Module:
             "qwen2-mqa": lambda: _build(
                 t.Qwen2Config, t.Qwen2ForCausalLM, num_key_value_heads=1, **llama_like
             ),
+            # Scores of this random model are about 0.1: a cap of 0.05 bends them.
+            "gemma2-softcap": lambda: _build(
+                t.Gemma2Config, t.Gemma2ForCausalLM, num_key_value_heads=2, head_dim=16,
+                attn_logit_softcapping=0.05, sliding_window=4, query_pre_attn_scalar=16,
+                **llama_like,
+            ),
             "mistral-sliding": lambda: _build(
                 t.MistralConfig, t.MistralForCausalLM, num_key_value_heads=2, sliding_window=4,
                 **llama_like,
@@ -215,6 +221,19 @@ def test_decoder_unpadded_runs_is_causal(name, sdpa_calls):
 def test_decoder_generate(name, path):
     ids, mask = _batch(length=7, pad=3, left=True)
     _assert_same_generation(model(name), input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("path", PATHS[:1], indirect=True)
+def test_gemma2_softcap_padded_and_generate(path):
+    """Gemma 2's logit soft-capping runs in the kernels (no eager fallback), with its
+    alternating sliding-window layers: logits on a padded batch and greedy tokens as eager's."""
+    ids, mask = _batch(left=True)
+    before = backend.fallback_counts[integration.FALLBACK_OP]
+    ref = _logits(model("gemma2-softcap"), "eager", input_ids=ids, attention_mask=mask)
+    fast = _logits(model("gemma2-softcap"), "fastformer", input_ids=ids, attention_mask=mask)
+    _assert_close(fast, ref, keep=mask)
+    _assert_same_generation(model("gemma2-softcap"), input_ids=ids, attention_mask=mask)
+    assert backend.fallback_counts[integration.FALLBACK_OP] == before
 
 
 def test_sliding_window_padded(sdpa_calls):
@@ -349,16 +368,25 @@ def test_output_attentions_falls_back_to_eager(name, sdpa_calls, monkeypatch):
         _assert_close(got, want, keep=mask[:, None, :, None].expand_as(got))
 
 
-def test_softcap_falls_back_to_eager():
-    """A module without an eager_attention_forward of its own gets the generic one."""
+def test_generic_eager_attention_with_softcap():
+    """A module without an eager_attention_forward of its own gets the generic one (here for
+    output_attentions), soft-capping included; without output_attentions the same call runs
+    fastformer's kernels, nothing falling back."""
     query, key, value = (torch.randn(2, 4, 5, 16) for _ in range(3))
     module = torch.nn.Module()
     module.is_causal = True
     before = backend.fallback_counts[integration.FALLBACK_OP]
+    arguments = dict(scaling=0.25, softcap=5.0)
     out, weights = integration.attention_forward(
-        module, query, key[:, :2], value[:, :2], None, scaling=0.25, softcap=5.0
+        module, query, key[:, :2], value[:, :2], None, output_attentions=True, **arguments
     )
     assert backend.fallback_counts[integration.FALLBACK_OP] == before + 1
+    kernel_out, no_weights = integration.attention_forward(
+        module, query, key[:, :2], value[:, :2], None, **arguments
+    )
+    assert no_weights is None
+    assert backend.fallback_counts[integration.FALLBACK_OP] == before + 1
+    torch.testing.assert_close(kernel_out, out, atol=1e-5, rtol=1e-5)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     # Grouped heads: query heads 0, 1 read key/value head 0, heads 2, 3 head 1.
     ref_weights = (

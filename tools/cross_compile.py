@@ -19,7 +19,7 @@ registers per thread and spilled bytes (from ptxas -v), shared memory, compile t
 Exit status 1 when a check fails.
 
 The cases (--set): "ci" covers each kernel's code paths once (bf16 head dims 40, 64, 128,
-256; masks, flash_attn_func's in-kernel ALiBi, causal, dropout, the
+256; masks, flash_attn_func's in-kernel ALiBi and softcap, causal, dropout, the
 half-precision residual; fp16; fp32's IEEE products) at a long sequence, where every tile
 is a candidate, and a decoding step (the split forward);
 "full" crosses bf16 with every supported head dim and variant (windows too), a value head
@@ -231,13 +231,29 @@ def _attention_case(
         elif variant == "alibi":  # flash_attn_func's ALiBi: float32 slopes per head, causal
             slopes = torch.empty(2, dtype=torch.float32).expand(1, 2)
         dropout_p = 0.1 if variant == "dropout" else 0.0
+        softcap = 50.0 if variant == "softcap" else 0.0  # Gemma 2's, causal
         seed = torch.zeros(1, dtype=torch.int64)
-        left, right = {"causal": (-1, 0), "window": (128, 0), "alibi": (-1, 0)}.get(
-            variant, (-1, -1)
-        )
+        left, right = {
+            "causal": (-1, 0),
+            "window": (128, 0),
+            "alibi": (-1, 0),
+            "softcap": (-1, 0),
+        }.get(variant, (-1, -1))
         offset = source - length
         forward = attention_forward(
-            q, k, v, mask, slopes, seed, head_dim**-0.5, dropout_p, offset, left, right, True
+            q,
+            k,
+            v,
+            mask,
+            slopes,
+            seed,
+            head_dim**-0.5,
+            softcap,
+            dropout_p,
+            offset,
+            left,
+            right,
+            True,
         )
         grad_out = torch.empty_like(forward.out)
         attention_backward(
@@ -252,6 +268,7 @@ def _attention_case(
             slopes,
             seed,
             head_dim**-0.5,
+            softcap,
             dropout_p,
             offset,
             left,
@@ -327,7 +344,7 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
         # head dims that pick different tiles, a padded one, and fp32's IEEE dot products.
         for d in (40, 64, 128, 256):
             attention("bf16", d, "plain")
-        for variant in ("causal", "float mask", "bool mask", "dropout", "alibi"):
+        for variant in ("causal", "float mask", "bool mask", "dropout", "alibi", "softcap"):
             attention("bf16", 128, variant)
         attention("fp16", 128, "plain")
         attention("bf16", 128, "causal", length=1)  # decoding: the split forward and its combine
@@ -339,7 +356,16 @@ def cases(which: str) -> dict[str, Callable[[], None]]:
         return found
     # bf16 in full; fp16 differs from it only by the dtype, so its plain variant per head
     # dim; fp32 (IEEE products on the FMA units) at the common head dims.
-    variants = ("plain", "causal", "float mask", "bool mask", "dropout", "window", "alibi")
+    variants = (
+        "plain",
+        "causal",
+        "float mask",
+        "bool mask",
+        "dropout",
+        "window",
+        "alibi",
+        "softcap",
+    )
     for d in (16, 32, 40, 64, 80, 96, 112, 128, 160, 192, 256):
         for variant in variants if d in (40, 64, 128, 256) else ("plain", "causal"):
             attention("bf16", d, variant)

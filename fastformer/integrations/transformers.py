@@ -25,8 +25,9 @@ that requires grad, as T5's position bias does in training) to torch's function,
 
 Calls that need what an SDPA does not compute run the model's own eager attention instead,
 counted in fastformer.info()["fallback_calls"]["transformers_attention"] and warned about once:
-output_attentions=True (the attention weights), logit soft-capping (`softcap`, Gemma 2) and
-attention sinks (`s_aux`, gpt-oss). The boolean mask becomes eager's additive one for them.
+output_attentions=True (the attention weights) and attention sinks (`s_aux`, gpt-oss). The
+boolean mask becomes eager's additive one for them. Logit soft-capping (`softcap`, Gemma 2)
+runs in fastformer's kernels.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..ops.attention import scaled_dot_product_attention
+from ..ops.attention import scaled_dot_product_attention, softcapped_scaled_dot_product_attention
 
 NAME = "fastformer"
 # The key of fastformer.info()["fallback_calls"] for calls that run eager attention.
@@ -101,16 +102,20 @@ def attention_forward(
     if position_bias is not None:
         attention_mask = _merge_position_bias(position_bias, attention_mask, is_causal, key)
         is_causal = False
-    out = scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        is_causal=is_causal,
-        scale=scaling,
-        enable_gqa=key.shape[1] != query.shape[1],
-    )
+    arguments = {
+        "attn_mask": attention_mask,
+        "dropout_p": dropout,
+        "is_causal": is_causal,
+        "scale": scaling,
+        "enable_gqa": key.shape[1] != query.shape[1],
+    }
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2's logit soft-capping
+        out = softcapped_scaled_dot_product_attention(
+            query, key, value, **arguments, softcap=softcap
+        )
+    else:
+        out = scaled_dot_product_attention(query, key, value, **arguments)
     # (B, Hq, L, Dv) -> (B, L, Hq, Dv), as the models reshape it to (B, L, Hq * Dv)
     return out.transpose(1, 2).contiguous(), None
 
@@ -119,8 +124,6 @@ def _eager_reason(kwargs: dict) -> str:
     """Why this call must run eager attention ("" when fastformer can run it)."""
     if kwargs.get("output_attentions", False):
         return "output_attentions=True needs the attention weights, which SDPA does not return"
-    if kwargs.get("softcap") is not None:
-        return "logit soft-capping (softcap) is not supported"
     if kwargs.get("s_aux") is not None:
         return "attention sinks (s_aux) are not supported"
     return ""

@@ -68,6 +68,7 @@ def attention_fwd(
     alibi_slopes: Tensor | None,
     seed: Tensor | None,
     scale: float,
+    softcap: float,
     dropout_p: float,
     diagonal_offset: int,
     window_left: int,
@@ -78,11 +79,12 @@ def attention_fwd(
     of the base-2 scores for the backward, see kernels/attention.py, out_residual) of
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask broadcast to (B, Hq, L, S)
     (stride 0 where broadcast); alibi_slopes broadcast to (B, Hq), in _statistics_dtype(q),
-    adding -slope * |j - (i + diagonal_offset)| to the scores. lse and stats in
+    adding -slope * |j - (i + diagonal_offset)| to the scores; softcap > 0 caps the scaled
+    products to softcap * tanh(scale * q.k / softcap) before both. lse and stats in
     _statistics_dtype(q). out_residual: with keep_residual and a half-precision q, out
     computed in float32 minus out (for the backward's delta); numel 0 otherwise (the C++
     kernels compute in float32 or float64)."""
-    arguments = (q, k, v, mask, alibi_slopes, seed, scale, dropout_p)
+    arguments = (q, k, v, mask, alibi_slopes, seed, scale, softcap, dropout_p)
     band = (diagonal_offset, window_left, window_right)
     if _runs_cpp(q):
         out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments, *band)
@@ -135,6 +137,7 @@ def attention_bwd(
     alibi_slopes: Tensor | None,
     seed: Tensor | None,
     scale: float,
+    softcap: float,
     dropout_p: float,
     diagonal_offset: int,
     window_left: int,
@@ -143,7 +146,7 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v) of attention_fwd, given its out_residual."""
     arguments = (grad_out, q, k, v, out, stats, grad_lse, mask, alibi_slopes, seed, scale)
-    band = (dropout_p, diagonal_offset, window_left, window_right)
+    band = (softcap, dropout_p, diagonal_offset, window_left, window_right)
     if _runs_cpp(q):
         return tuple(torch.ops.fastformer.cpu_attention_bwd(*arguments, *band))
     from fastformer_kernels.attention_backward import attention_backward
@@ -165,7 +168,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # Unused outputs get no zero-filled gradients (out_residual is as large as out).
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, stats, mask, alibi_slopes, seed, out_residual)
-    ctx.band = band  # scale, dropout_p, diagonal_offset, window_left, window_right
+    ctx.band = band  # scale, softcap, dropout_p, diagonal_offset, window_left, window_right
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_stats, _grad_residual):
@@ -176,7 +179,7 @@ def _backward(ctx, grad_out, grad_lse, _grad_stats, _grad_residual):
     grad_q, grad_k, grad_v = attention_bwd(
         grad_out, q, k, v, out, stats, grad_lse, *optional, *ctx.band, out_residual
     )
-    return grad_q, grad_k, grad_v, *(None,) * 9
+    return grad_q, grad_k, grad_v, *(None,) * 10
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -237,9 +240,10 @@ def _attend(
     window_left: int,
     window_right: int,
     alibi_slopes: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) (alibi_slopes:
-    see attention_fwd): out in q's dtype and lse (B, Hq, L) in _statistics_dtype."""
+    """Run the op on q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) (alibi_slopes,
+    softcap: see attention_fwd): out in q's dtype and lse (B, Hq, L) in _statistics_dtype."""
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
@@ -255,6 +259,7 @@ def _attend(
         alibi_slopes,
         seed,
         scale,
+        softcap,
         dropout_p,
         diagonal_offset,
         window_left,
@@ -362,6 +367,41 @@ def scaled_dot_product_attention(
     applied whenever it is > 0, as torch does.
     """
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, 0.0)
+
+
+def softcapped_scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    softcap: float,
+) -> Tensor:
+    """scaled_dot_product_attention with the scaled scores capped to
+    softcap * tanh(s / softcap) before the mask (Gemma 2's logit soft-capping; softcap > 0),
+    in the kernels. The transformers integration's path for models that cap."""
+    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    softcap = _checks.check_positive(OP, "softcap", softcap)
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap)
+
+
+def _sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    softcap: float,
+) -> Tensor:
+    """Both SDPA functions, after their checks (softcap 0: no capping)."""
     arguments = {
         "attn_mask": attn_mask,
         "dropout_p": dropout_p,
@@ -372,8 +412,10 @@ def scaled_dot_product_attention(
     if 0 in (query.numel(), key.numel(), value.numel()):
         # Nothing to attend (no rows, no keys, no heads): zeros or an empty result, which
         # the reference gives without a kernel launch.
-        return reference_attention(query, key, value, **arguments)
+        return reference_attention(query, key, value, **arguments, softcap=softcap)
     if _falls_back(query, key, value, attn_mask):
+        if softcap > 0.0:  # torch's function has no softcap
+            return reference_attention(query, key, value, **arguments, softcap=softcap)
         return torch_sdpa(query, key, value, **arguments)
 
     source = key.shape[-2]
@@ -394,6 +436,7 @@ def scaled_dot_product_attention(
         0,
         -1,
         0 if is_causal else -1,
+        softcap=softcap,
     )
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
 
@@ -431,9 +474,8 @@ def flash_attn_func(
     - causal aligns the diagonal to the bottom right (query i sees keys up to i + S - L,
       the KV-cache convention); window_size (left, right) limits each query to keys within
       that many positions of its diagonal (-1: unbounded); Hkv may divide Hq (GQA/MQA).
-    - softcap > 0 caps the scaled scores: softcap * tanh(s / softcap). fastformer's kernels
-      do not: such calls run fastformer/reference.py's math in PyTorch (counted by
-      fastformer.info(), warned about once).
+    - softcap > 0 caps the scaled scores, softcap * tanh(s / softcap), inside the kernels
+      (Gemma 2's logit soft-capping), before the ALiBi bias and the band.
     - alibi_slopes, (Hq,) or (B, Hq): adds -slope * |i + S - L - j| to the score of query i
       and key j, computed inside the kernels from the slopes (in float32; float64 for
       float64 inputs). alibi_slopes gets no gradient (nor in flash-attn).
@@ -492,15 +534,10 @@ def flash_attn_func(
         out, lse = _banded_attention_torch(
             qt, kt, vt, *band, alibi_slopes=slopes, softcap=softcap, attend=reference_attention
         )
-    elif softcap > 0.0:
-        backend.note_fallback(
-            OP, q.device, q.dtype, reason="flash_attn_func's softcap is not in the kernels"
-        )
-        out, lse = _banded_attention_torch(qt, kt, vt, *band, alibi_slopes=slopes, softcap=softcap)
     elif _falls_back(q, k, v, None):
-        out, lse = _banded_attention_torch(qt, kt, vt, *band, alibi_slopes=slopes)
+        out, lse = _banded_attention_torch(qt, kt, vt, *band, alibi_slopes=slopes, softcap=softcap)
     else:
-        out, lse = _attend(qt, kt, vt, None, *band, alibi_slopes=slopes)
+        out, lse = _attend(qt, kt, vt, None, *band, alibi_slopes=slopes, softcap=softcap)
     out = out.transpose(1, 2)
     if return_attn_probs:
         return out, lse, None
