@@ -35,7 +35,7 @@ SUITES: dict[str, str] = {
     "feed_forward": ".bench_feed_forward",
     "transformer": ".bench_transformer",
     # Last: a bounded GPU run (tools/gpu_checks.sh) reaches the op suites' targets first.
-    "attention_alibi": ".bench_attention_alibi",
+    "attention_variants": ".bench_attention_variants",
 }
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # CPU timings are pinned to this many threads (FASTFORMER_BENCH_THREADS overrides), so that

@@ -169,43 +169,60 @@ def test_attention_suite_runs_end_to_end(quick_run, monkeypatch):
 
 
 @requires_extension
-def test_attention_alibi_suite_runs_end_to_end(quick_run, monkeypatch):
-    """Causal ALiBi cases: fastformer and the baselines given the bias as a float mask run
-    (eager not above the O(L^2) limit); the CUDA-only ones are skipped with a reason. The
-    mask the baselines get is the bias flash_attn_func computes in its kernels."""
-    from fastformer_benchmarks import bench_attention, bench_attention_alibi
+def test_attention_variants_suite_runs_end_to_end(quick_run, monkeypatch):
+    """Causal ALiBi and soft-capping cases: fastformer runs; for ALiBi the baselines given
+    the bias as a float mask run (eager not above the O(L^2) limit), for soft-capping eager
+    only (SDPA cannot express it: skipped with the reason); CUDA-only ones are skipped. The
+    baselines' mask and eager's cap compute what flash_attn_func does in its kernels."""
+    from fastformer_benchmarks import bench_attention, bench_attention_variants
 
     import fastformer
 
-    tiny = bench_attention.Shapes(64, 64, (32,), (16, 32))
-    monkeypatch.setattr(bench_attention_alibi, "CPU_SHAPES", tiny)
+    suite = bench_attention_variants
+    monkeypatch.setattr(suite, "CPU_SHAPES", bench_attention.Shapes(64, 64, (32,), (16, 32)))
     monkeypatch.setattr(bench_attention, "QUADRATIC_MAX_SEQLEN", 16)
-    _, results = quick_run("attention_alibi")
+    _, results = quick_run("attention_variants")
     assert {(r["case"]["name"], r["case"]["mode"]) for r in results} == {
-        (f"{64 // seqlen}x2x{seqlen}x32 causal alibi", mode)
+        (f"{64 // seqlen}x2x{seqlen}x32 causal {variant}", mode)
         for seqlen in (16, 32)
+        for variant in ("alibi", "softcap")
         for mode in ("fwd", "fwd+bwd")
     }
     for result in results:
         by_provider = {m["provider"]: m for m in result["measurements"]}
+        softcap = result["case"]["params"]["variant"] == "softcap"
+        long = result["case"]["params"]["seqlen"] > 16
         for provider in ("fastformer", "sdpa", "sdpa-math", "eager"):
-            if provider in ("sdpa-math", "eager") and result["case"]["params"]["seqlen"] > 16:
-                assert "O(L^2) memory" in by_provider[provider]["reason"]
-                continue
-            assert by_provider[provider]["status"] == "ok", by_provider[provider]["reason"]
+            reason = by_provider[provider]["reason"]
+            if provider in ("sdpa", "sdpa-math") and softcap:
+                assert "no logit soft-capping" in reason
+            elif provider in ("sdpa-math", "eager") and long:
+                assert "O(L^2) memory" in reason
+            else:
+                assert by_provider[provider]["status"] == "ok", reason
         for provider in ("flash_attn", "flex", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"):
             assert by_provider[provider]["status"] == "skipped"
             assert by_provider[provider]["reason"]
 
     generator = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 8, 21, 16, generator=generator) for _ in "qkv")
-    slopes = bench_attention_alibi.alibi_slopes(8, q.device)
-    mask = bench_attention_alibi.alibi_mask(slopes, 21, torch.float64)
-    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask)
-    out = fastformer.flash_attn_func(
-        *(t.transpose(1, 2) for t in (q, k, v)), causal=True, alibi_slopes=slopes
+    q, k, v = (torch.randn(2, 8, 16, 16, generator=generator) for _ in "qkv")
+    case = next(c for c in results if c["case"]["params"]["variant"] == "softcap")["case"]
+    case = bench_attention_variants.Case(
+        **{**case, "params": {**case["params"], "seqlen": 16, "head_dim": 16}}
     )
-    torch.testing.assert_close(out.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
+    slopes = suite.alibi_slopes(8, q.device)
+    expected = {
+        "alibi": reference.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), suite.alibi_mask(slopes, 16, torch.float64)
+        ),
+        "softcap": suite._eager_softcap(case, q.device)(q.double(), k.double(), v.double()),
+    }
+    for variant, want in expected.items():
+        options = suite._modification(variant, slopes)
+        out = fastformer.flash_attn_func(
+            *(t.transpose(1, 2) for t in (q, k, v)), causal=True, **options
+        )
+        torch.testing.assert_close(out.transpose(1, 2).double(), want, atol=1e-5, rtol=1e-5)
 
 
 @requires_extension
