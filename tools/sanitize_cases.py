@@ -4,10 +4,11 @@
     compute-sanitizer --tool racecheck python tools/sanitize_cases.py
 
 Small awkward shapes (lengths and widths off the block sizes, so the edge masks run), each
-kernel path once: attention with a float mask, a boolean mask, causal, a window, GQA and
-dropout; residual + LayerNorm and RMSNorm with dropout; the feed-forward with both CUDA
-paths (FASTFORMER_FF_EPILOGUE=separate and cublaslt) and a gated activation. Exits 1 if a
-result is not finite, so that a sanitizer run also checks that the kernels ran.
+kernel path once: attention with a float mask, a boolean mask, causal, a window, GQA,
+dropout, ALiBi slopes and soft-capping; residual + LayerNorm and RMSNorm with dropout; the
+feed-forward with both CUDA paths (FASTFORMER_FF_EPILOGUE=separate and cublaslt) and a gated
+activation. Exits 1 if a result is not finite, so that a sanitizer run also checks that the
+kernels ran.
 """
 
 from __future__ import annotations
@@ -49,11 +50,16 @@ def attention_cases(dtype: torch.dtype) -> bool:
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         ok &= _check(name, out, *grads)
     qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-    out, lse = fastformer.flash_attn_func(
-        qf, kf, vf, causal=True, window_size=(7, 0), return_lse=True
-    )
-    grads = torch.autograd.grad(out, (qf, kf, vf), torch.randn_like(out))
-    return ok & _check("flash_attn_func window, causal", out, lse, *grads)
+    slopes = torch.rand(2, 4, device="cuda")
+    flash_cases = {
+        "flash_attn_func window, causal": dict(window_size=(7, 0)),
+        "flash_attn_func ALiBi (B, H), softcap, causal": dict(alibi_slopes=slopes, softcap=5.0),
+    }
+    for name, kwargs in flash_cases.items():
+        out, lse = fastformer.flash_attn_func(qf, kf, vf, causal=True, return_lse=True, **kwargs)
+        grads = torch.autograd.grad(out, (qf, kf, vf), torch.randn_like(out))
+        ok &= _check(name, out, lse, *grads)
+    return ok
 
 
 def layer_norm_cases(dtype: torch.dtype) -> bool:
