@@ -552,6 +552,10 @@ def test_flash_attn_func_bad_input():
         fastformer.flash_attn_func(q, q, q, softcap=-1.0)
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         fastformer.flash_attn_func(q, q, q, deterministic=None)
+    capped = attention_ops.softcapped_scaled_dot_product_attention
+    for softcap in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+            capped(q, q, q, softcap=softcap)
 
 
 @requires_extension
