@@ -239,41 +239,13 @@ def _attention_case(
             "alibi": (-1, 0),
             "softcap": (-1, 0),
         }.get(variant, (-1, -1))
-        offset = source - length
-        forward = attention_forward(
-            q,
-            k,
-            v,
-            mask,
-            slopes,
-            seed,
-            head_dim**-0.5,
-            softcap,
-            dropout_p,
-            offset,
-            left,
-            right,
-            True,
-        )
+        # The ops' arguments after q, k, v (after grad_lse in the backward's).
+        options = (mask, slopes, seed, head_dim**-0.5, softcap, dropout_p, source - length)
+        options += (left, right)
+        forward = attention_forward(q, k, v, *options, True)
         grad_out = torch.empty_like(forward.out)
         attention_backward(
-            grad_out,
-            q,
-            k,
-            v,
-            forward.out,
-            forward.stats,
-            None,
-            mask,
-            slopes,
-            seed,
-            head_dim**-0.5,
-            softcap,
-            dropout_p,
-            offset,
-            left,
-            right,
-            forward.out_residual,
+            grad_out, q, k, v, forward.out, forward.stats, None, *options, forward.out_residual
         )
 
     return run

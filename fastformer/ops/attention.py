@@ -17,6 +17,7 @@ is bottom-right aligned, diagonal_offset = S - L.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -370,24 +371,24 @@ def scaled_dot_product_attention(
     return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, 0.0)
 
 
+# scaled_dot_product_attention's optional arguments and their defaults.
+_SDPA_OPTIONS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(scaled_dot_product_attention).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+
 def softcapped_scaled_dot_product_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    softcap: float,
+    query: Tensor, key: Tensor, value: Tensor, *, softcap: float, **options: object
 ) -> Tensor:
-    """scaled_dot_product_attention with the scaled scores capped to
-    softcap * tanh(s / softcap) before the mask (Gemma 2's logit soft-capping; softcap > 0),
-    in the kernels. The transformers integration's path for models that cap."""
-    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    """scaled_dot_product_attention(query, key, value, **options) with the scaled scores
+    capped to softcap * tanh(s / softcap) before the mask (Gemma 2's logit soft-capping;
+    softcap > 0), in the kernels. The transformers integration's path for models that cap."""
+    arguments = {**_SDPA_OPTIONS, **options}
+    _check_sdpa(query, key, value, **arguments)
     softcap = _checks.check_positive(OP, "softcap", softcap)
-    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap)
+    return _sdpa(query, key, value, **arguments, softcap=softcap)
 
 
 def _sdpa(
