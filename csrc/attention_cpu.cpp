@@ -174,29 +174,6 @@ std::pair<int64_t, int64_t> score_row(T* s, int64_t n, const Mask& mask, const c
   return {vis_lo, vis_hi};
 }
 
-// Soft-capping of one row of a score tile holding u / softcap (the tile product's alpha,
-// Problem::tile_alpha): s = cap2 * tanh(u / softcap), cap2 = softcap * log2(e), in base-2
-// units; the tanh kept in tanh_row when given (the backward's d cap / du = 1 - tanh^2).
-template <typename T>
-void cap_scores(T* s, int64_t n, T cap2, T* tanh_row) {
-  using V = Vectorized<T>;
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    const V t = V::loadu(s + j).tanh();
-    if (tanh_row != nullptr) {
-      t.store(tanh_row + j);
-    }
-    (t * V(cap2)).store(s + j);
-  }
-  for (; j < n; ++j) {
-    const T t = std::tanh(s[j]);
-    if (tanh_row != nullptr) {
-      tanh_row[j] = t;
-    }
-    s[j] = t * cap2;
-  }
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
 // 2^f = e^(f ln 2) by its Taylor series to degree 7, for |f| <= 1/2: the truncation error is
 // below 6e-9 relative, a tenth of float's ulp.
@@ -239,6 +216,65 @@ C10_ALWAYS_INLINE Vectorized<T> exp2_vec(const Vectorized<T>& x) {
   }
 #endif
   return x.exp2();
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// tanh of 16 floats to within 3 ulp, about 3.5x as fast as Sleef's tanhf (Vectorized::tanh)
+// here: for |x| < 0.4 the odd Taylor series to x^13 (truncation below 1e-8 relative), else
+// 1 - 2 / (e^2|x| + 1) by exp2_flushed (e^2|x| >= 2.2 keeps the cancellation small), the
+// sign put back. NaN stays NaN, +-inf gives +-1, -0 gives -0.
+C10_ALWAYS_INLINE Vectorized<float> tanh_fast(const Vectorized<float>& x) {
+  static constexpr std::array<double, 6> c{-1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835,
+                                           -1382.0 / 155925, 21844.0 / 6081075};
+  const __m512 v = x;
+  const __m512 sign_bit = _mm512_set1_ps(-0.0f);
+  const __m512 a = _mm512_andnot_ps(sign_bit, v);
+  const __m512 z = _mm512_mul_ps(a, a);
+  __m512 p = _mm512_set1_ps(static_cast<float>(c[5]));
+  for (int k = 4; k >= 0; --k) {
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(static_cast<float>(c[k])));
+  }
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), a, a);  // a + a z p(z)
+  const __m512 e = exp2_flushed(_mm512_mul_ps(a, _mm512_set1_ps(static_cast<float>(2 * kLog2e))));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 large =
+      _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+  const __mmask16 is_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.4f), _CMP_LT_OQ);
+  return _mm512_or_ps(_mm512_mask_blend_ps(is_small, large, small), _mm512_and_ps(v, sign_bit));
+}
+#endif
+
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> tanh_vec(const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return tanh_fast(x);
+  }
+#endif
+  return x.tanh();
+}
+
+// Soft-capping of one row of a score tile holding u / softcap (the tile product's alpha,
+// Problem::tile_alpha): s = cap2 * tanh(u / softcap), cap2 = softcap * log2(e), in base-2
+// units; the tanh kept in tanh_row when given (the backward's d cap / du = 1 - tanh^2).
+template <typename T>
+void cap_scores(T* s, int64_t n, T cap2, T* tanh_row) {
+  using V = Vectorized<T>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V t = tanh_vec<T>(V::loadu(s + j));
+    if (tanh_row != nullptr) {
+      t.store(tanh_row + j);
+    }
+    (t * V(cap2)).store(s + j);
+  }
+  for (; j < n; ++j) {
+    const T t = std::tanh(s[j]);
+    if (tanh_row != nullptr) {
+      tanh_row[j] = t;
+    }
+    s[j] = t * cap2;
+  }
 }
 
 // s[j] = exp2((s[j] - shift) - shift2) for j in [0, n); returns their sum. Two shifts, in
