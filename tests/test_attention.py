@@ -304,14 +304,14 @@ def test_torch_compile_fullgraph(kernels, device, impl, dtype, atol):
 
 @pytest.mark.parametrize("device, impl, dtype, atol", KERNEL_CASES[:1])
 def test_flash_attn_func_torch_compile_fullgraph_with_alibi(kernels, device, impl, dtype, atol):
-    """flash_attn_func with ALiBi slopes, causal and a window under torch.compile
-    (fullgraph): the bias is built in the graph, the kernels run as custom ops."""
+    """flash_attn_func with ALiBi slopes, a softcap, causal and a window under torch.compile
+    (fullgraph): the slopes and the cap go to the kernels, run as custom ops."""
     torch._dynamo.reset()
     slopes = torch.tensor([0.25, 0.0625], device=device)
 
     def attend(q, k, v):
         out = fastformer.flash_attn_func(
-            q, k, v, causal=True, window_size=(5, -1), alibi_slopes=slopes
+            q, k, v, causal=True, window_size=(5, -1), alibi_slopes=slopes, softcap=3.0
         )
         return out.square().sum()
 

@@ -21,9 +21,17 @@ report = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = report  # dataclasses look their module up there
 _spec.loader.exec_module(report)
 
-# A bf16 head-dim-128 key at long lengths, no mask or band, unsplit: the tuning key's values,
-# then the dtypes Triton appends (one per tensor argument; two shown here).
-_FWD_KEY = [128, 128, 4096, 4096, False, False, False, -1, -1, 1, "torch.bfloat16", "torch.int64"]
+
+def _key(names: list[str], dtypes: list[str], **values: object) -> list:
+    """A tuning key as Triton stores it: the values of the named arguments (False for the
+    feature flags not given), then the dtypes it appends (one per tensor argument)."""
+    return [values.get(name, False) for name in names] + dtypes
+
+
+# A bf16 head-dim-128 key at long lengths, no mask or band, unsplit (two dtypes shown).
+_LONG = dict(BLOCK_D=128, BLOCK_DV=128, L_BUCKET=4096, S_BUCKET=4096)
+_FWD_KEY = _key(report.FWD_TUNING_KEY, ["torch.bfloat16", "torch.int64"], **_LONG, SPLIT=1)
+_BWD_KEY = _key(report.TUNING_KEY, ["torch.bfloat16"], **_LONG)
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> dict:
@@ -50,7 +58,18 @@ def records(tmp_path: Path) -> Path:
         _FWD_KEY,
         [(big, [1.0, 0.9, 1.1]), (small, [2.0, 1.9, 2.1]), (narrow, [4.0, 3.9, 4.1])],
     )
-    other_key = [64, 64, 1024, 1024, True, True, False, 0, -1, 1, "torch.float16", "torch.int64"]
+    other_key = _key(
+        report.FWD_TUNING_KEY,
+        ["torch.float16", "torch.int64"],
+        BLOCK_D=64,
+        BLOCK_DV=64,
+        L_BUCKET=1024,
+        S_BUCKET=1024,
+        HAS_MASK=True,
+        MASK_IS_BOOL=True,
+        BAND_RIGHT=True,
+        SPLIT=1,
+    )
     _write(
         tmp_path,
         "_attention_fwd_kernel",
@@ -60,7 +79,7 @@ def records(tmp_path: Path) -> Path:
     _write(
         tmp_path,
         "_attention_bwd_dq_kernel",
-        [*_FWD_KEY[:9], "torch.bfloat16"],
+        _BWD_KEY,
         [(small, [0.5, 0.4, 0.6]), (big, [0.75, 0.7, 0.8])],
     )
     # Not an attention kernel, and a tuning where nothing ran: both left out.
@@ -68,7 +87,7 @@ def records(tmp_path: Path) -> Path:
     _write(
         tmp_path,
         "_attention_bwd_dkdv_kernel",
-        [*_FWD_KEY[:9], "torch.bfloat16"],
+        _BWD_KEY,
         [(big, [float("inf")] * 3), (small, [float("inf")] * 3)],
     )
     return tmp_path
