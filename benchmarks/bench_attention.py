@@ -308,8 +308,11 @@ def _flex(ctx: Context, case: Case) -> Attend:
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
 
-def eager_attention(case: Case, device: torch.device, bias: torch.Tensor | None = None) -> Attend:
-    """softmax(q k^T * scale + bias) v, or with the case's causal mask without a bias."""
+def eager_attention(
+    case: Case, device: torch.device, bias: torch.Tensor | None = None, softcap: float = 0.0
+) -> Attend:
+    """softmax(cap(q k^T * scale) + bias) v, or with the case's causal mask without a bias;
+    cap(s) = softcap * tanh(s / softcap) with a softcap (Gemma 2's eager attention)."""
     skip_quadratic(case)
     seqlen, scale = case.params["seqlen"], 1 / math.sqrt(case.params["head_dim"])
     causal = case.params["causal"] and bias is None  # causal cases have L = S
@@ -318,6 +321,8 @@ def eager_attention(case: Case, device: torch.device, bias: torch.Tensor | None 
 
     def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         if causal:
             scores = scores.masked_fill(above, float("-inf"))
         elif bias is not None:

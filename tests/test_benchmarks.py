@@ -215,7 +215,9 @@ def test_attention_variants_suite_runs_end_to_end(quick_run, monkeypatch):
         "alibi": reference.scaled_dot_product_attention(
             q.double(), k.double(), v.double(), suite.alibi_mask(slopes, 16, torch.float64)
         ),
-        "softcap": suite._eager_softcap(case, q.device)(q.double(), k.double(), v.double()),
+        "softcap": bench_attention.eager_attention(case, q.device, softcap=suite.SOFTCAP)(
+            q.double(), k.double(), v.double()
+        ),
     }
     for variant, want in expected.items():
         options = suite._modification(variant, slopes)
