@@ -1,8 +1,8 @@
 // Operator schemas of fastformer: the one place every op's signature is defined.
 //
 // CPU kernels register themselves beside their implementation (TORCH_LIBRARY_IMPL in
-// <op>_cpu.cpp); the CUDA kernels of the Triton ops are registered from Python
-// (fastformer/ops/<op>.py), as are the fake kernels and autograd formulas.
+// <op>_cpu.cpp), the autograd formulas in autograd.cpp; the CUDA kernels of the Triton ops
+// are registered from Python (fastformer/ops/<op>.py), as are the fake kernels.
 #include "cpu_allocation.h"
 #include "feed_forward.h"
 

@@ -574,13 +574,29 @@ def test_cpp_ops_opcheck(variant):
     if variant == "band-gqa-alibi-softcap":
         band, softcap = (4, 3, 0), 0.5
         slopes = torch.rand(2, generator=generator).expand(2, 2)
+    # Inputs that require grad: opcheck then checks the C++ autograd registration too.
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     arguments = (q, k, v, mask, slopes, seed, 0.25, softcap, dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_fwd.default, arguments)
+    q, k, v = (t.detach() for t in (q, k, v))
+    arguments = (q, k, v, *arguments[3:])
     out, lse, stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
     backward = (grad_out, q, k, v, out, stats, grad_lse, mask, slopes, seed, 0.25, softcap)
     backward += (dropout_p, *band)
     torch.library.opcheck(torch.ops.fastformer.cpu_attention_bwd.default, backward)
+
+
+@requires_extension
+def test_cpp_double_backward_raises_clearly():
+    """Gradients of gradients are not supported: create_graph=True works for the first
+    backward, and a second one through the attention says so instead of missing it."""
+    q, k, v = (torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    out = fastformer.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="double backward"):
+        sum(g.sum() for g in grads).backward()
 
 
 @requires_interpreter

@@ -186,8 +186,9 @@ def _backward(ctx, grad_out, grad_lse, _grad_stats, _grad_residual):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 if _extension.available:
-    # The C++ CPU kernels are ops of their own (csrc/ops.cpp), called by attention_fwd / _bwd
-    # and directly for calls without gradients (_attend): the same fake kernels.
+    # The C++ CPU kernels are ops of their own (csrc/ops.cpp) with a C++ autograd formula
+    # (csrc/autograd.cpp), called directly by _attend, and by attention_fwd / _bwd under
+    # torch.compile: the same fake kernels.
     torch.library.register_fake("fastformer::cpu_attention_fwd")(_fake_cpu_fwd)
     torch.library.register_fake("fastformer::cpu_attention_bwd")(_fake_bwd)
 
@@ -266,13 +267,12 @@ def _attend(
         window_left,
         window_right,
     )
-    records_autograd = _records_autograd(q, k, v)
-    if cpp and not records_autograd and not torch.compiler.is_compiling():
-        # Nothing for autograd to record: the C++ kernel without the custom op's Python
-        # dispatch, about 12 us a call (a third of a small inference call's overhead).
+    if cpp and not torch.compiler.is_compiling():
+        # The C++ op with its C++ autograd formula (csrc/autograd.cpp), without the custom
+        # op's Python dispatch and autograd wrapper: about 75 us less a call.
         out, lse, _stats = torch.ops.fastformer.cpu_attention_fwd(*arguments)
     else:
-        out, lse, _stats, _residual = attention_fwd(*arguments, records_autograd)
+        out, lse, _stats, _residual = attention_fwd(*arguments, _records_autograd(q, k, v))
     return (out if out.dtype == dtype else out.to(dtype)), lse
 
 

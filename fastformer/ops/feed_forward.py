@@ -1,9 +1,9 @@
 """fastformer.feed_forward: Linear, activation, (dropout,) Linear with fused bias and activation.
 
 The dispatcher ops fastformer::feed_forward_fwd / _bwd are defined in csrc/ops.cpp, with
-their C++ CPU kernels (csrc/feed_forward_cpu.cpp) and, in a CUDA build, their CUDA kernels
-(csrc/cuda/); this file registers the fake kernels that torch.compile traces with and the
-autograd formula, then exposes the functional API.
+their C++ CPU kernels (csrc/feed_forward_cpu.cpp), in a CUDA build their CUDA kernels
+(csrc/cuda/), and their autograd formula (csrc/autograd.cpp); this file registers the fake
+kernels that torch.compile traces with, then exposes the functional API.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ backend.register_op(
 
 
 # ----------------------------------------------------------------------------------------
-# Fake kernels and autograd
+# Fake kernels
 # ----------------------------------------------------------------------------------------
 
 
@@ -46,57 +46,9 @@ def _fake_bwd(grad_out, x, w1, b1, w2, preact, activation, dropout_p, seed, has_
     return torch.empty_like(x), torch.empty_like(w1), grad_b1, torch.empty_like(w2), grad_b2
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, activation, dropout_p, seed, save_preact = inputs
-    _out, preact = output
-    # preact is saved for backward, never a result to differentiate; without
-    # set_materialize_grads(False) autograd would still fill an (M, hidden) buffer with zeros
-    # for its gradient at every backward.
-    ctx.mark_non_differentiable(preact)
-    ctx.set_materialize_grads(False)
-    # Backward needs x and the pre-activation (or recomputes it from x, w1, b1): never the
-    # hidden activation or a dropout mask.
-    ctx.save_for_backward(x, w1, b1, w2, preact if save_preact else None, seed)
-    ctx.activation = activation
-    ctx.dropout_p = dropout_p
-    ctx.has_b2 = b2 is not None
-
-
-def _backward(ctx, grad_out, _grad_preact):
-    x, w1, b1, w2, preact, seed = ctx.saved_tensors
-    if grad_out is None:  # not materialized (_setup_context); gradcheck asks for this case
-        grad_out = x.new_zeros((x.shape[0], w2.shape[0]))
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.fastformer.feed_forward_bwd(
-        grad_out.contiguous(),
-        x,
-        w1,
-        b1,
-        w2,
-        preact,
-        ctx.activation,
-        ctx.dropout_p,
-        seed,
-        ctx.has_b2,
-    )
-    return (
-        grad_x,
-        grad_w1,
-        grad_b1 if b1 is not None else None,
-        grad_w2,
-        grad_b2 if ctx.has_b2 else None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
 if _extension.available:
     torch.library.register_fake(_FWD)(_fake_fwd)
     torch.library.register_fake(_BWD)(_fake_bwd)
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
-    _no_double_backward, _no_context = _checks.no_double_backward(OP)
-    torch.library.register_autograd(_BWD, _no_double_backward, setup_context=_no_context)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """fastformer.layer_norm_residual: fused (dropout +) residual add + LayerNorm / RMSNorm.
 
 The dispatcher ops fastformer::layer_norm_residual_fwd / _bwd are defined in
-csrc/ops.cpp with their C++ CPU kernels; this file registers the Triton kernels for CUDA,
-the fake kernels that torch.compile traces with, and the autograd formula, then exposes
-the functional API.
+csrc/ops.cpp with their C++ CPU kernels and their autograd formula (csrc/autograd.cpp);
+this file registers the Triton kernels for CUDA and the fake kernels that torch.compile
+traces with, then exposes the functional API.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ backend.register_op(
 
 
 # ----------------------------------------------------------------------------------------
-# Fake kernels and autograd
+# Fake kernels
 # ----------------------------------------------------------------------------------------
 
 
@@ -82,67 +82,9 @@ def _fake_bwd(
     return grad_x, grad_residual, grad_weight, grad_bias
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, residual, weight, bias, seed, _eps, dropout_p, rms_norm, _h_dtype, store_h = inputs
-    _out, h, mean, rstd = output
-    # Saved statistics, not results to differentiate; unused outputs (mean, rstd, often h)
-    # get None instead of zero-filled gradients.
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)
-    # The normalized input is h, or x itself when h was not written (h equals x).
-    ctx.save_for_backward(h if store_h else x, weight, mean, rstd, seed)
-    ctx.store_h = store_h
-    ctx.dropout_p = dropout_p
-    ctx.rms_norm = rms_norm
-    ctx.has_bias = bias is not None
-    ctx.x_dtype = x.dtype
-    ctx.residual_dtype = None if residual is None else residual.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    # grad_residual equals grad_x unless dropout or a dtype difference separates them.
-    ctx.store_grad_residual = residual is not None and (
-        dropout_p > 0.0 or residual.dtype != x.dtype
-    )
-
-
-def _backward(ctx, grad_out, grad_h, _grad_mean, _grad_rstd):
-    normalized, weight, mean, rstd, seed = ctx.saved_tensors
-    if grad_out is None:  # only h was used (gradients are not materialized: _setup_context)
-        grad_out = torch.zeros(normalized.shape, dtype=ctx.x_dtype, device=normalized.device)
-    # Incoming gradients may be expanded (stride 0); the kernels need unit column stride.
-    features = normalized.shape[-1]
-    grad_out = _checks.as_rows(grad_out, features)
-    # Without h, the gradient of h reaches x directly.
-    grad_h = _checks.as_rows(grad_h, features) if ctx.store_h and grad_h is not None else None
-    grad_x, grad_residual, grad_weight, grad_bias = torch.ops.fastformer.layer_norm_residual_bwd(
-        grad_out,
-        grad_h,
-        normalized,
-        weight,
-        mean,
-        rstd,
-        seed,
-        ctx.dropout_p,
-        ctx.rms_norm,
-        ctx.has_bias,
-        ctx.x_dtype,
-        ctx.residual_dtype,
-        ctx.store_grad_residual,
-    )
-    if ctx.residual_dtype is None:
-        grad_residual = None
-    elif not ctx.store_grad_residual:
-        grad_residual = grad_x
-    grad_weight = grad_weight.to(weight.dtype) if weight is not None else None
-    grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.has_bias else None
-    return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None, None, None
-
-
 if _extension.available:
     torch.library.register_fake(_FWD)(_fake_fwd)
     torch.library.register_fake(_BWD)(_fake_bwd)
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
-    _no_double_backward, _no_context = _checks.no_double_backward(OP)
-    torch.library.register_autograd(_BWD, _no_double_backward, setup_context=_no_context)
 
 
 # ----------------------------------------------------------------------------------------
