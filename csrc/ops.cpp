@@ -40,7 +40,8 @@ TORCH_LIBRARY(fastformer, m) {
   // Dropout (dropout_p > 0; seed: int64 tensor of one element on x's device) keeps hidden
   // element (i, j) iff philox_uniform(seed, i * H + j) >= dropout_p (philox.h) and scales it by
   // 1 / (1 - dropout_p). preact is pre in x's dtype when save_preact, else empty; for "relu"
-  // it may hold relu(pre) instead, which is all the backward needs.
+  // it may hold relu(pre) instead, which is all the backward needs, and on CPU in float32 /
+  // float64 pre - b1 (the kernels' passes add b1 there): only the backward reads it.
   m.def(
       "feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, "
       "float dropout_p, Tensor? seed, bool save_preact) -> (Tensor out, Tensor preact)");
