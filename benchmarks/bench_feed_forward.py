@@ -61,6 +61,8 @@ from .harness import (
 from .measure import activation_memory, dtype_name
 
 OP = "feed_forward"
+# A bound, not a competitor: the op's matrix products and nothing else (see _GemmsAlone).
+GEMMS_ALONE = "GEMMs alone"
 PROVIDERS = [
     "fastformer",
     "eager",
@@ -68,6 +70,7 @@ PROVIDERS = [
     "liger",
     "fastformer (separate)",
     "fastformer (cublaslt)",
+    GEMMS_ALONE,
 ]
 # The op reads this on every call on CUDA: "separate", "cublaslt" or "auto" (its default).
 EPILOGUE_ENV = "FASTFORMER_FF_EPILOGUE"
@@ -235,6 +238,38 @@ def _liger(ctx: Context, activation: str, dropout_p: float) -> Forward:
     return liger
 
 
+class _GemmsAlone(torch.autograd.Function):
+    """The feed-forward's matrix products with the shapes and layouts of the fused op's
+    (x @ w1.T and hidden @ w2.T; backward grad_out @ w2, grad_out.T @ hidden,
+    grad_pre.T @ x, grad_pre @ w1) and nothing else: no bias, activation, dropout or gate,
+    the forward's pre-activation standing in for hidden and grad_pre. A floor for the op's
+    time on the device's GEMM library, measured beside it, not a result to compare."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        pre = x @ w1.t()  # (M, H1)
+        hidden = pre[:, : w2.shape[1]]  # (M, H): a view, no copy
+        ctx.save_for_backward(x, w1, w2, pre)
+        ctx.bias_shapes = (b1.shape, b2.shape)
+        return hidden @ w2.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2, pre = ctx.saved_tensors
+        _grad_hidden = grad_out @ w2  # (M, H): what the op turns into grad_pre
+        grad_w2 = grad_out.t() @ pre[:, : w2.shape[1]]
+        # pre stands in for grad_pre (M, H1): gated activations double its width.
+        grad_w1 = pre.t() @ x
+        grad_x = pre @ w1
+        # Zero bias gradients (H1 + N elements): autograd.grad asks for every leaf's.
+        grad_b1, grad_b2 = (grad_out.new_zeros(shape) for shape in ctx.bias_shapes)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _gemms_alone(activation: str, dropout_p: float) -> Forward:
+    return _GemmsAlone.apply
+
+
 @contextlib.contextmanager
 def _epilogue(path: str | None) -> Iterator[None]:
     """FASTFORMER_FF_EPILOGUE set to `path` (None: unset) for the calls inside."""
@@ -384,6 +419,7 @@ def _bench(ctx: Context, case: Case) -> Result:
             )
             for path in ("separate", "cublaslt")
         ),
+        provider(GEMMS_ALONE, lambda: _gemms_alone(activation, dropout_p)),
     ]
     result = run_case(ctx, case, providers)
     if mode == "fwd+bwd":
@@ -444,4 +480,5 @@ SUITE = Suite(
     bench=_bench,
     targets=_targets,
     plot_x="d_model",
+    bounds=(GEMMS_ALONE,),
 )

@@ -262,6 +262,10 @@ class Suite:
     bench: Callable[[Context, Case], Result]
     targets: Callable[[Context], list[Target]]
     plot_x: str | None = None  # a case param to plot throughput against
+    # Providers (among `providers`) that measure a floor of the subject's work, such as its
+    # GEMMs alone, beside it: reported as "% of <bound>" (the bound's time over the
+    # subject's), never as a baseline to beat.
+    bounds: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- running

@@ -49,7 +49,13 @@ def render_block(slug: str, suite: str, results_dir: Path, relative_to: Path) ->
         f"({'--full' if settings.get('full') else 'default'} run"
         + (f", {settings['duration_s']:.0f} s" if "duration_s" in settings else "")
         + "). Median ms per call; "
-        f"`vs X` is X's time over {run.providers[0]}'s.",
+        f"`vs X` is X's time over {run.providers[0]}'s"
+        + (
+            f"; `% of X` the same ratio for a floor X ({', '.join(run.bounds)}: part of "
+            f"{run.providers[0]}'s work alone, not a competitor)."
+            if run.bounds
+            else "."
+        ),
         "",
         report.markdown_table(run),
         "",

@@ -36,6 +36,7 @@ class SuiteRun:
     peaks: DevicePeaks
     results: list[Result]
     targets: list[TargetOutcome]
+    bounds: list[str] = dataclasses.field(default_factory=list)  # see harness.Suite.bounds
 
 
 # ----------------------------------------------------------------------------- table
@@ -68,23 +69,30 @@ def _unit(case: Case) -> str:
     return "tokens/s" if case.tokens is not None else "TFLOP/s"
 
 
-def _shown_baselines(run: SuiteRun) -> list[str]:
-    """Baselines that ran in some case: one skipped in every case gets no column (the
+def _ran(run: SuiteRun, providers: list[str]) -> list[str]:
+    """The providers that ran in some case: one skipped in every case gets no column (the
     reason is listed under the table instead)."""
     return [
         b
-        for b in run.providers[1:]
+        for b in providers
         if any(m is not None and m.status != "skipped" for m in (r.get(b) for r in run.results))
     ]
+
+
+def _shown_baselines(run: SuiteRun) -> list[str]:
+    return _ran(run, [b for b in run.providers[1:] if b not in run.bounds])
 
 
 def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
     """The suite's table, the same for the terminal and the README: per case the subject's
     median time, each baseline's, the speedups, the subject's throughput, share of the
     measured peak, peak memory, activation memory (subject / first baseline) where
-    measured, and a mark where the subject is slower than the best baseline."""
+    measured, and a mark where the subject is slower than the best baseline. Bounds
+    (harness.Suite.bounds) get their time and "% of <bound>": how close the subject comes
+    to them."""
     subject = run.providers[0]
     shown = _shown_baselines(run)
+    bounds = _ran(run, run.bounds)
     dtypes = sorted({r.case.dtype for r in run.results})
     with_activation = any(
         m.activation_memory_bytes is not None for r in run.results for m in r.measurements
@@ -96,6 +104,8 @@ def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
         f"{subject} ms",
         *(f"{b} ms" for b in shown),
         *(f"vs {b}" for b in shown),
+        *(f"{b} ms" for b in bounds),
+        *(f"% of {b}" for b in bounds),
         "|".join(sorted({_unit(r.case) for r in run.results})),
         "% peak",
         "peak MiB",
@@ -116,6 +126,10 @@ def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
             speedups.append(
                 Cell("-") if x is None else Cell(f"{x:.2f}x", "green" if x >= 1 else "red")
             )
+        floors = []
+        for b in bounds:
+            x = result.speedup(subject, b)  # the bound's time over the subject's
+            floors.append(Cell("-") if x is None else Cell(f"{x:.0%}"))
         baseline_ms = {b: m.ms for b in shown if (m := result.get(b)) and m.ms is not None}
         mark = Cell("")
         if not ok:
@@ -136,6 +150,8 @@ def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
                 _time_cell(result, subject),
                 *(_time_cell(result, b) for b in shown),
                 *speedups,
+                *(_time_cell(result, b) for b in bounds),
+                *floors,
                 Cell(
                     f"{mine.throughput:.{0 if mine.unit == 'tokens/s' else 1}f}"
                     if ok and mine.throughput is not None
@@ -280,6 +296,7 @@ def load_runs(path: Path) -> tuple[DeviceInfo, dict[str, SuiteRun]]:
             DevicePeaks(**record["peaks"]),
             results,
             [TargetOutcome(**t) for t in record["targets"]],
+            record.get("bounds", []),
         )
     return device, runs
 

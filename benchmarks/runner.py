@@ -175,6 +175,7 @@ def _run(
                 peaks,
                 results,
                 outcomes,
+                list(suite.bounds),
             )
             report.print_table(console, run, info)
             plots += report.plot(out_dir, info, run)
