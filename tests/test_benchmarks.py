@@ -259,6 +259,8 @@ def test_feed_forward_suite_runs_end_to_end(quick_run, monkeypatch):
             assert by_provider[f"fastformer ({path})"]["status"] == "skipped"
             assert "FASTFORMER_FF_EPILOGUE" in by_provider[f"fastformer ({path})"]["reason"]
         assert {m["status"] for m in by_provider.values()} <= {"ok", "skipped"}
+        assert by_provider[suite.GEMMS_ALONE]["status"] == "ok"
+    assert written["suites"]["feed_forward"]["bounds"] == [suite.GEMMS_ALONE]
     # The CPU targets name 2 threads and the 512 -> 2048 shape: undecided in this run.
     targets = written["suites"]["feed_forward"]["targets"]
     assert [t["target"] for t in targets] == [
@@ -278,6 +280,25 @@ def _result(name: str, mode: str, ms: dict[str, float], saved: dict[str, int] | 
         m.activation_memory_bytes = (saved or {}).get(provider)
         measurements.append(m)
     return Result(Case("op", name, "bfloat16", mode, {"width": int(name)}), measurements)
+
+
+def test_bounds_are_shown_as_shares_not_baselines():
+    """A bound faster than the subject (as a floor is) gets its time and '% of' column, no
+    'vs' column, and does not mark the subject slower."""
+    from fastformer_benchmarks.measure import DevicePeaks
+    from fastformer_benchmarks.report import SuiteRun, tabulate
+
+    results = [_result("64", "fwd", {"fastformer": 10.0, "eager": 12.0, "floor": 8.0})]
+    peaks = DevicePeaks(copy_gbps=1.0, copy_bytes=1, matmul_tflops={}, matmul_n=1, notes="")
+    run = SuiteRun("op", "t", ["fastformer", "eager", "floor"], None, "", {}, peaks, results, [])
+    run.bounds = ["floor"]
+    headers, rows = tabulate(run)
+    cells = dict(zip(headers, (cell.text for cell in rows[0]), strict=True))
+    assert "vs floor" not in headers
+    assert cells["vs eager"] == "1.20x"
+    assert cells["floor ms"] == "8.000"
+    assert cells["% of floor"] == "80%"
+    assert cells[""] == ""  # no "<< slower than" mark
 
 
 def test_geomean_and_activation_memory_targets():
