@@ -374,15 +374,21 @@ struct TileShape {
 };
 
 // Swept on 2 Intel Xeon cores with AVX-512, fp32, head dims 64 and 128, L = S from 128 to
-// 2048, causal and not: forward tiles of 512 keys and 64 query rows up to L = 256 (finer
-// blocks skip more of a causal band), 128 below L = 1024, 256 from there (each query block
-// repacks its keys for the BLAS product, so more rows amortize that); 256 x 128 backward
+// 2048, causal and not: forward tiles of 512 keys and, under a band (causal, windows), 64
+// query rows up to L = 256 (finer blocks skip more of the band), 128 below L = 1024, 256
+// from there; without a band 256 rows at every length (each query block repacks its keys
+// for the BLAS product, so more rows amortize that: 5-10% faster than 64 or 128 rows at
+// L = 256 to 512, B x H = 8 to 16); 256 x 128 backward
 // tiles (fewer, larger products; a thread's tiles, 256 KiB, 512 KiB with dropout, stay in
 // L2 across the five products of a tile). Tiles never exceed the problem
-// (a decoding step, L = 1, allocates one row, not 256).
-TileShape tile_shape(int64_t L, int64_t S) {
+// (a decoding step, L = 1, allocates one row, not 256), and a forward has a query block
+// for every thread where the (batch, head) pairs, `heads`, are few.
+TileShape tile_shape(int64_t L, int64_t S, bool banded, int64_t heads) {
   const auto fit = [](int64_t tile, int64_t size) { return std::clamp<int64_t>(size, 1, tile); };
-  const int64_t m_fwd = L <= 256 ? 64 : (L < 1024 ? 128 : 256);
+  int64_t m_fwd = !banded ? 256 : (L <= 256 ? 64 : (L < 1024 ? 128 : 256));
+  while (m_fwd > 32 && heads * ((L + m_fwd - 1) / m_fwd) < at::get_num_threads()) {
+    m_fwd /= 2;
+  }
   return {fit(m_fwd, L), fit(512, S), fit(256, L), fit(128, S)};
 }
 
@@ -460,7 +466,9 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
                 op, ": mask must be broadcast to (B, Hq, L, S) = (", B, ", ", Hq, ", ", L, ", ",
                 S, "), got ", mask->sizes());
   }
-  Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tile_shape(L, S), scale,
+  const bool banded = window_left >= 0 || window_right >= 0;  // a side < 0 is open
+  const TileShape tiles = tile_shape(L, S, banded, B * Hq);
+  Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tiles, scale,
             Band{diagonal_offset, window_left, window_right, L, S}, Mask::of(mask),
             make_dropout(op, seed, dropout_p), alibi_slopes_of(op, alibi_slopes, B, Hq), softcap};
   return p;
