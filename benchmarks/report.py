@@ -36,7 +36,8 @@ class SuiteRun:
     peaks: DevicePeaks
     results: list[Result]
     targets: list[TargetOutcome]
-    bounds: list[str] = dataclasses.field(default_factory=list)  # see harness.Suite.bounds
+    # harness.Suite.bounds; None in records written before suites had them
+    bounds: list[str] | None = None
 
 
 # ----------------------------------------------------------------------------- table
@@ -80,7 +81,7 @@ def _ran(run: SuiteRun, providers: list[str]) -> list[str]:
 
 
 def _shown_baselines(run: SuiteRun) -> list[str]:
-    return _ran(run, [b for b in run.providers[1:] if b not in run.bounds])
+    return _ran(run, [b for b in run.providers[1:] if b not in (run.bounds or [])])
 
 
 def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
@@ -92,7 +93,7 @@ def tabulate(run: SuiteRun) -> tuple[list[str], list[list[Cell]]]:
     to them."""
     subject = run.providers[0]
     shown = _shown_baselines(run)
-    bounds = _ran(run, run.bounds)
+    bounds = _ran(run, run.bounds or [])
     dtypes = sorted({r.case.dtype for r in run.results})
     with_activation = any(
         m.activation_memory_bytes is not None for r in run.results for m in r.measurements
@@ -296,7 +297,7 @@ def load_runs(path: Path) -> tuple[DeviceInfo, dict[str, SuiteRun]]:
             DevicePeaks(**record["peaks"]),
             results,
             [TargetOutcome(**t) for t in record["targets"]],
-            record.get("bounds", []),
+            record.get("bounds"),
         )
     return device, runs
 
