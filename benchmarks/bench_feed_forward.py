@@ -266,10 +266,6 @@ class _GemmsAlone(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def _gemms_alone(activation: str, dropout_p: float) -> Forward:
-    return _GemmsAlone.apply
-
-
 @contextlib.contextmanager
 def _epilogue(path: str | None) -> Iterator[None]:
     """FASTFORMER_FF_EPILOGUE set to `path` (None: unset) for the calls inside."""
@@ -419,7 +415,7 @@ def _bench(ctx: Context, case: Case) -> Result:
             )
             for path in ("separate", "cublaslt")
         ),
-        provider(GEMMS_ALONE, lambda: _gemms_alone(activation, dropout_p)),
+        provider(GEMMS_ALONE, lambda: _GemmsAlone.apply),
     ]
     result = run_case(ctx, case, providers)
     if mode == "fwd+bwd":

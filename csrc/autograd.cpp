@@ -32,7 +32,7 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The typed handle of fastformer::<name>, looked up once.
+// The typed handle of an op (each caller keeps it in a static: one lookup).
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
