@@ -141,6 +141,7 @@ setup(
         "fastformer.integrations",
         "fastformer_kernels",
         "fastformer_benchmarks",
+        "fastformer_benchmarks.results",  # data only: committed results, the default --out
     ],
     package_dir={"fastformer_kernels": "kernels", "fastformer_benchmarks": "benchmarks"},
     ext_modules=ext_modules,
