@@ -334,7 +334,7 @@ std::tuple<Tensor, Tensor> feed_forward_fwd_cuda(const Tensor& x_in, const Tenso
                                                  c10::string_view activation, double dropout_p,
                                                  const std::optional<Tensor>& seed,
                                                  bool save_preact) {
-  // ATen calls below run beneath autograd: the op's own formula (ops/feed_forward.py)
+  // ATen calls below run beneath autograd: the op's own formula (csrc/autograd.cpp)
   // differentiates it.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Problem pb = check_operands(x_in, w1_in, w2_in, activation);
