@@ -161,6 +161,18 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return TORCH_FALLBACK
 
 
+def fallback_reason(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why a call of `op` on tensors of this device and dtype must run plain PyTorch; "" when
+    fastformer's kernels can take it. Besides dtypes and devices without a kernel: inside a
+    torch.func transform (grad, vmap, ...), which the ops do not support (the C++ autograd of
+    the ops defined in C++, csrc/autograd.cpp, raises under one)."""
+    if implementation(op, device, dtype) == TORCH_FALLBACK:
+        return f"no fused kernel for {dtype} tensors on {device.type}"
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return "inside a torch.func transform (grad, vmap, ...), which the fused ops do not support"
+    return ""
+
+
 def note_fallback(
     op: str, device: torch.device, dtype: torch.dtype, reason: str = "", stacklevel: int = 3
 ) -> None:

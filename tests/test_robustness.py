@@ -630,3 +630,46 @@ def test_attention_launchers_grid_over_65535_heads(monkeypatch):
     for name, recorder in recorders.items():
         assert recorder.grids == [(blocks[name] * batch * heads,)], name
         assert recorder.grids[0][0] < 2**31, name
+
+
+# ----------------------------------------------------------------------------------------
+# 9. torch.func transforms
+# ----------------------------------------------------------------------------------------
+
+_TRANSFORM_CALLS: dict[str, Callable[[Tensor], Tensor]] = {
+    "layer_norm_residual": lambda x: fastformer.layer_norm_residual(
+        x, x.flip(0), torch.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype)
+    )[0],
+    "feed_forward": lambda x: fastformer.feed_forward(
+        x,
+        torch.eye(24, 16, dtype=x.dtype) * 0.7,
+        None,
+        torch.eye(16, 24, dtype=x.dtype) * 1.3,
+        None,
+        activation="gelu",
+    ),
+    "scaled_dot_product_attention": lambda x: fastformer.scaled_dot_product_attention(
+        x.view(2, 5, 16), x.view(2, 5, 16).flip(1), x.view(2, 5, 16), is_causal=True
+    ),
+}
+
+
+@requires_extension
+@pytest.mark.parametrize("op", list(_TRANSFORM_CALLS))
+def test_torch_func_transforms_fall_back_and_say_so(op):
+    """Inside torch.func.grad or vmap the ops run plain PyTorch (their C++ autograd cannot
+    take a transform): the same gradient as autograd through the kernels, and the call
+    counted as a fallback."""
+    call = _TRANSFORM_CALLS[op]
+    x = torch.randn(10, 16, dtype=torch.float64)
+
+    def loss(t: Tensor) -> Tensor:
+        return (call(t) * torch.linspace(-1, 1, 16, dtype=t.dtype)).sum()
+
+    leaf = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)
+    before = fastformer.info()["fallback_calls"].get(op, 0)
+    torch.testing.assert_close(torch.func.grad(loss)(x), expected)
+    batched = torch.func.vmap(call)(x[None].expand(3, 10, 16))
+    torch.testing.assert_close(batched, call(x)[None].expand(3, *call(x).shape))
+    assert fastformer.info()["fallback_calls"][op] == before + 2

@@ -208,9 +208,10 @@ def _unit_last_stride(tensor: Tensor) -> Tensor:
 def _kernel_problem(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> str:
     """Why fastformer's kernels (C++ on CPU, Triton on CUDA or in the interpreter) cannot
     take this call; "" when they can."""
+    reason = backend.fallback_reason(OP, query.device, query.dtype)
+    if reason:
+        return reason
     implementation = backend.implementation(OP, query.device, query.dtype)
-    if implementation == backend.TORCH_FALLBACK:
-        return f"no kernel for {query.dtype} on {query.device.type}"
     if not (key.dtype == value.dtype == query.dtype):
         return "query, key and value of different dtypes"
     if mask is not None and mask.requires_grad:

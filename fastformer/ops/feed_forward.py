@@ -141,8 +141,9 @@ def feed_forward(
     dropout_p = dropout_p if training else 0.0
     if d_model == 0:  # x @ w1.T is all zeros: nothing for a kernel to do (F.linear's result)
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
-    if backend.implementation(OP, x.device, x.dtype) == backend.TORCH_FALLBACK:
-        backend.note_fallback(OP, x.device, x.dtype)
+    reason = backend.fallback_reason(OP, x.device, x.dtype)
+    if reason:
+        backend.note_fallback(OP, x.device, x.dtype, reason)
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
     _extension.require(OP)
 

@@ -158,8 +158,9 @@ def layer_norm_residual(
     h_dtype = reference.residual_stream_dtype(
         x.dtype, None if residual is None else residual.dtype, residual_in_fp32
     )
-    if backend.implementation(OP, x.device, x.dtype) == backend.TORCH_FALLBACK:
-        backend.note_fallback(OP, x.device, x.dtype)
+    reason = backend.fallback_reason(OP, x.device, x.dtype)
+    if reason:
+        backend.note_fallback(OP, x.device, x.dtype, reason)
         return reference.layer_norm_residual(
             x,
             residual,
