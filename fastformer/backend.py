@@ -173,9 +173,7 @@ def fallback_reason(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
-def note_fallback(
-    op: str, device: torch.device, dtype: torch.dtype, reason: str = "", stacklevel: int = 3
-) -> None:
+def note_fallback(op: str, reason: str, stacklevel: int = 3) -> None:
     """Count a call that runs plain PyTorch, and warn the first time for each op (pointing
     `stacklevel` frames up: the user's call of the op)."""
     if torch.compiler.is_compiling():
@@ -183,9 +181,8 @@ def note_fallback(
     fallback_counts[op] += 1
     if op not in _warned:
         _warned.add(op)
-        why = reason or f"no fused kernel for {dtype} tensors on {device.type}"
         warnings.warn(
-            f"fastformer.{op}: {why}; running plain PyTorch instead (fastformer.info() "
+            f"fastformer.{op}: {reason}; running plain PyTorch instead (fastformer.info() "
             "counts these calls)",
             stacklevel=stacklevel,
         )

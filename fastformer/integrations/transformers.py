@@ -93,7 +93,7 @@ def attention_forward(
 
     reason = _eager_reason(kwargs)
     if reason:
-        backend.note_fallback(FALLBACK_OP, query.device, query.dtype, reason=reason)
+        backend.note_fallback(FALLBACK_OP, reason)
         return _eager_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal,
             position_bias, **kwargs,

@@ -228,7 +228,7 @@ def _falls_back(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) 
     """True when torch's function must run this call (counted, and warned about once)."""
     problem = _kernel_problem(query, key, value, mask)
     if problem:
-        backend.note_fallback(OP, query.device, query.dtype, reason=problem)
+        backend.note_fallback(OP, problem)
     return bool(problem)
 
 

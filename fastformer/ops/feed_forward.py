@@ -143,7 +143,7 @@ def feed_forward(
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
     reason = backend.fallback_reason(OP, x.device, x.dtype)
     if reason:
-        backend.note_fallback(OP, x.device, x.dtype, reason)
+        backend.note_fallback(OP, reason)
         return reference.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
     _extension.require(OP)
 

@@ -160,7 +160,7 @@ def layer_norm_residual(
     )
     reason = backend.fallback_reason(OP, x.device, x.dtype)
     if reason:
-        backend.note_fallback(OP, x.device, x.dtype, reason)
+        backend.note_fallback(OP, reason)
         return reference.layer_norm_residual(
             x,
             residual,
