@@ -3,7 +3,7 @@
 The dispatcher ops fastformer::attention_fwd / _bwd are defined here with
 torch.library.custom_op, with fake kernels for torch.compile and an autograd formula. On
 CUDA they run the Triton kernels of fastformer_kernels.attention; on CPU the C++ kernels of
-fastformer._C (csrc/attention_cpu.cpp: the same maths, masks, band and dropout draws, in
+fastformer._C (csrc/attention_cpu*: the same maths, masks, band and dropout draws, in
 float32 or float64), or the Triton kernels through Triton's interpreter inside
 fastformer.triton_on_cpu(). Calls the kernels do not support run torch's function and are
 counted (fastformer.info()).
