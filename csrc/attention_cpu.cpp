@@ -94,6 +94,13 @@ Problem problem_of(const char* op, const Tensor& q, const Tensor& k, const Tenso
                 op, ": mask must be broadcast to (B, Hq, L, S) = (", B, ", ", Hq, ", ", L, ", ",
                 S, "), got ", mask->sizes());
   }
+  // A window side of L + S or more hides no key: open (-1). An offset beyond 2 (L + S) either
+  // way sees the same keys as one of 2 (L + S). So Band's sums stay far from int64's limits
+  // whatever a caller passes.
+  const int64_t reach = L + S;
+  window_left = window_left >= reach ? -1 : window_left;
+  window_right = window_right >= reach ? -1 : window_right;
+  diagonal_offset = std::clamp<int64_t>(diagonal_offset, -2 * reach, 2 * reach);
   const bool banded = window_left >= 0 || window_right >= 0;  // a side < 0 is open
   const TileShape tiles = tile_shape(L, S, banded, B * Hq);
   Problem p{B, Hq, Hkv, Hq / Hkv, L, S, q.size(3), v.size(3), tiles, scale,

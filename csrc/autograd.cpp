@@ -66,6 +66,13 @@ using LayerNormResidualBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, double, bool, bool,
     at::ScalarType, std::optional<at::ScalarType>, bool);
 
+// Whether t's gradient is stored as a leaf's .grad as it is: t is a leaf, or a view of one
+// (a view's backward passes views of the same gradient). Anything else hands its gradient to
+// a backward formula, which makes tensors of its own.
+bool reaches_leaf(const Tensor& t) {
+  return t.is_leaf() || (t.is_view() && t._base().is_leaf());
+}
+
 struct LayerNormResidual : torch::autograd::Function<LayerNormResidual> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const std::optional<Tensor>& residual,
@@ -95,9 +102,14 @@ struct LayerNormResidual : torch::autograd::Function<LayerNormResidual> {
     if (bias.has_value()) {
       saved["bias_dtype"] = bias->scalar_type();
     }
-    // grad_residual equals grad_x unless dropout or a dtype difference separates them.
+    // grad_residual equals grad_x unless dropout or a dtype difference separates them. The
+    // one tensor is handed to both inputs then, unless a leaf would keep it as its .grad
+    // (see reaches_leaf): two leaves sharing one .grad would each accumulate the other's.
     saved["store_grad_residual"] =
-        residual.has_value() && (dropout_p > 0.0 || residual->scalar_type() != x.scalar_type());
+        residual.has_value() &&
+        (dropout_p > 0.0 || residual->scalar_type() != x.scalar_type() ||
+         (x.requires_grad() && residual->requires_grad() &&
+          (reaches_leaf(x) || reaches_leaf(*residual))));
     return {out, h, mean, rstd};
   }
 

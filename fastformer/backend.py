@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import platform
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -155,7 +156,10 @@ def implementation(op: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and dtype in support.cuda_dtypes and _cuda_ready(op, support):
         return support.cuda_implementation
     if device.type == "cpu" and cpu_runs_triton() and uses_triton:
-        return TRITON_INTERPRETER if dtype in support.cuda_dtypes else TORCH_FALLBACK
+        # Triton's interpreter computes bfloat16 dots and casts wrongly (triton 3.9): bf16
+        # falls back rather than return garbage.
+        interpretable = dtype in support.cuda_dtypes and dtype != torch.bfloat16
+        return TRITON_INTERPRETER if interpretable else TORCH_FALLBACK
     if device.type == "cpu" and dtype in support.cpu_dtypes:
         return CPP
     return TORCH_FALLBACK
@@ -173,9 +177,19 @@ def fallback_reason(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
-def note_fallback(op: str, reason: str, stacklevel: int = 3) -> None:
-    """Count a call that runs plain PyTorch, and warn the first time for each op (pointing
-    `stacklevel` frames up: the user's call of the op)."""
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel, called from the function that calls this, of the first
+    frame outside fastformer: the user's call, however deep inside fastformer it warns."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1  # the caller's frame is warnings.warn's level 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def note_fallback(op: str, reason: str) -> None:
+    """Count a call that runs plain PyTorch, and warn the first time for each op (pointing at
+    the user's call of the op)."""
     if torch.compiler.is_compiling():
         return
     fallback_counts[op] += 1
@@ -184,7 +198,7 @@ def note_fallback(op: str, reason: str, stacklevel: int = 3) -> None:
         warnings.warn(
             f"fastformer.{op}: {reason}; running plain PyTorch instead (fastformer.info() "
             "counts these calls)",
-            stacklevel=stacklevel,
+            stacklevel=_caller_stacklevel(),
         )
 
 

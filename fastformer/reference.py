@@ -49,7 +49,8 @@ def _dropout(x: Tensor, p: float, training: bool, mask: Tensor | None) -> Tensor
         return x
     if mask is None:
         mask = torch.rand(x.shape, device=x.device) >= p
-    return x * mask.to(x.dtype) / (1.0 - p)
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0  # p = 1 drops everything: zeros, as torch
+    return x * mask.to(x.dtype) * scale
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,6 +106,12 @@ def layer_norm_residual(
 # ----------------------------------------------------------------------------------------
 
 
+def default_attention_scale(head_dim: int) -> float:
+    """1 / sqrt(E), the scale scaled_dot_product_attention takes by default. With E = 0
+    every score is 0 whatever the scale (torch's function then averages the values): 1."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -124,16 +131,15 @@ def scaled_dot_product_attention(
       any shape that broadcasts to (..., L, S) is accepted;
     - softcap > 0 (flash-attn's extension) caps the scaled scores before the mask:
       softcap * tanh(q @ k^T * scale / softcap);
-    - is_causal keeps key j for query i when j <= i (diagonal aligned to the upper left);
+    - is_causal keeps key j for query i when j <= i (diagonal aligned to the upper left),
+      together with a mask if one is given (torch's function takes both);
     - enable_gqa: key/value may have fewer heads (dim -3), query heads divisible by them;
     - a query row whose keys are all masked gives zeros (torch's math kernel gives NaN);
     - dropout_mask (broadcastable to (..., L, S), True = kept) fixes the dropout pattern.
     The scores and softmax are computed in at least float32, the products in the input dtype.
     """
-    if is_causal and attn_mask is not None:
-        raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     length, source = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scale = default_attention_scale(query.shape[-1]) if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         groups = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(groups, dim=-3)
@@ -146,8 +152,8 @@ def scaled_dot_product_attention(
     keep = None
     if is_causal:
         keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-    elif attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = attn_mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask if keep is None else keep & attn_mask
     elif attn_mask is not None:
         scores = scores + attn_mask.to(acc)
     if keep is not None:

@@ -68,3 +68,10 @@ def use_implementation():
 
     yield select
     backend.set_triton_on_cpu(False)
+
+
+@pytest.fixture
+def kernels(use_implementation, device, impl):
+    """Run the test's implementation (C++ or Triton) for its device (parametrized by
+    implementation_cases)."""
+    use_implementation(device, impl)

@@ -28,12 +28,6 @@ if HAS_EXTENSION:
     KERNEL_CASES.append(pytest.param("cpu", "c++", torch.float64, 1e-10, id="cpu-c++-float64"))
 
 
-@pytest.fixture
-def kernels(use_implementation, device, impl):
-    """Run the test's implementation (C++ or Triton) for its device."""
-    use_implementation(device, impl)
-
-
 def _randn(*shape, dtype, device, generator):
     return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
@@ -55,8 +49,14 @@ def _grads(fn, tensors: dict, grad_out: torch.Tensor, **kwargs) -> dict:
 
 def _check(tensors: dict, atol: float, **kwargs) -> None:
     generator = torch.Generator().manual_seed(1)
-    q, v = tensors["q"], tensors["v"]
-    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=generator).to(q.device)
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    # The output's shape: q's and k's leading dimensions broadcast (with GQA q's heads).
+    if kwargs.get("enable_gqa", False):
+        lead = (*torch.broadcast_shapes(q.shape[:-3], k.shape[:-3]), q.shape[-3])
+    else:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    out_shape = (*lead, q.shape[-2], v.shape[-1])
+    grad_out = torch.randn(out_shape, generator=generator).to(q.device)
     fast = _grads(fastformer.scaled_dot_product_attention, tensors, grad_out, **kwargs)
     same = _grads(reference.scaled_dot_product_attention, tensors, grad_out, **kwargs)
     as64 = {
@@ -398,11 +398,14 @@ BAD_INPUTS = [
     ({"attn_mask": torch.ones(3, 5, dtype=torch.bool)}, ValueError, "does not broadcast"),
     ({"attn_mask": torch.ones(4, 5, dtype=torch.int32)}, TypeError, "attn_mask must have dtype"),
     (
-        {"attn_mask": torch.ones(4, 5, dtype=torch.bool).expand(4, 5)[:, :5], "is_causal": True},
+        {"attn_mask": torch.ones(1, 2, 3, 4, 5, dtype=torch.bool)},
         ValueError,
-        "not both",
+        "attn_mask of shape .* does not broadcast",
     ),
-    ({"dropout_p": 1.5}, ValueError, r"dropout_p must be in \[0, 1\)"),
+    ({"key": torch.ones(2, 3, 5, 8, dtype=torch.float64)}, TypeError, "key must have query's"),
+    ({"dropout_p": 1.5}, ValueError, r"dropout_p must be in \[0, 1\]"),
+    ({"dropout_p": "0.1"}, TypeError, r"dropout_p must be a float in \[0, 1\]"),
+    ({"scale": "2"}, TypeError, "scale must be a float or None"),
     ({"key": torch.ones(2, 3, 5, 8, device="meta")}, ValueError, "same device"),
 ]
 
@@ -542,6 +545,11 @@ def test_flash_attn_func_bad_input():
         fastformer.flash_attn_func(q[0], q, q)
     with pytest.raises(ValueError, match="window_size must be"):
         fastformer.flash_attn_func(q, q, q, window_size=(-2, 0))
+    for window in (None, 3, (1, 2, 3)):
+        with pytest.raises(TypeError, match=r"window_size must be a \(left, right\) pair"):
+            fastformer.flash_attn_func(q, q, q, window_size=window)
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        fastformer.flash_attn_func(q, q, q.double())
     with pytest.raises(ValueError, match="head count dividing"):
         fastformer.flash_attn_func(q, torch.ones(2, 4, 2, 8), torch.ones(2, 4, 2, 8))
     with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[3\] or \[2, 3\]"):

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastformer
 from fastformer import backend, reference
@@ -320,6 +321,20 @@ def test_autocast_bfloat16_cpu():
     same = reference.feed_forward(*as16.values())
     ref64 = reference.feed_forward(*(v.double() for v in as16.values()))
     assert_all_close_to_reference({"out": out}, {"out": same}, {"out": ref64}, 1e-2)
+
+
+def test_autocast_leaves_float64_alone():
+    """Autocast casts float32 (and half) tensors, never float64 ones: nn.Linear's rule."""
+    tensors = _inputs((5,), 8, 16, 8, "gelu", torch.float64, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastformer.feed_forward(*tensors.values())
+        eager = F.linear(
+            F.gelu(F.linear(tensors["x"], tensors["w1"], tensors["b1"])),
+            tensors["w2"],
+            tensors["b2"],
+        )
+    assert out.dtype == eager.dtype == torch.float64
+    torch.testing.assert_close(out, reference.feed_forward(*tensors.values()))
 
 
 # ----------------------------------------------------------------------------------------

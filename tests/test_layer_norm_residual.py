@@ -426,9 +426,11 @@ BAD_INPUTS = [
     ({"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
     ({"dropout_p": -0.1}, ValueError, r"dropout_p must be in \[0, 1\)"),
     ({"dropout_p": float("nan")}, ValueError, r"dropout_p must be in \[0, 1\)"),
-    ({"eps": 0.0}, ValueError, "eps must be a finite number > 0"),
-    ({"eps": float("inf")}, ValueError, "eps must be a finite number > 0"),
-    ({"eps": "1e-5"}, TypeError, "eps must be a positive float"),
+    ({"eps": -1e-5}, ValueError, "eps must be a finite number >= 0"),
+    ({"eps": float("inf")}, ValueError, "eps must be a finite number >= 0"),
+    ({"eps": float("nan")}, ValueError, "eps must be a finite number >= 0"),
+    ({"eps": 10**400}, ValueError, "eps must be a float >= 0, got an int beyond"),
+    ({"eps": "1e-5"}, TypeError, "eps must be a float >= 0"),
     ({"rms_norm": 1}, TypeError, "rms_norm must be a bool"),
 ]
 
@@ -559,3 +561,48 @@ def test_double_backward_raises_clearly():
     (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad_x.sum().backward()
+
+
+@requires_extension
+@pytest.mark.parametrize("view", [False, True])
+def test_leaf_x_and_residual_get_gradients_of_their_own(view):
+    """x and residual have equal gradients; leaves (or views of leaves) must not share one
+    tensor as .grad, or accumulating into one would change the other."""
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 8, generator=generator, requires_grad=True)
+    residual = torch.randn(4, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(8, generator=generator)
+    grad_out = torch.randn(4, 8, generator=generator)
+    inputs = (x.view(2, 2, 8), residual.view(2, 2, 8)) if view else (x, residual)
+    for _ in range(2):  # two micro-batches: gradients accumulate
+        out, _h = fastformer.layer_norm_residual(*inputs, weight)
+        out.reshape(4, 8).backward(grad_out)
+    assert x.grad.data_ptr() != residual.grad.data_ptr()
+    expected = torch.autograd.grad(
+        reference.layer_norm_residual(x, residual, weight)[0], x, grad_out
+    )[0]
+    torch.testing.assert_close(x.grad, 2 * expected)
+    torch.testing.assert_close(residual.grad, 2 * expected)
+
+
+@requires_extension
+def test_eps_zero_as_torch():
+    x = torch.randn(3, 8)
+    x[0] = 1.0  # a constant row: 0 / sqrt(0), NaN as in torch
+    weight, bias = torch.randn(8), torch.randn(8)
+    out, _h = fastformer.layer_norm_residual(x, None, weight, bias, eps=0.0)
+    torch.testing.assert_close(
+        out, torch.nn.functional.layer_norm(x, (8,), weight, bias, eps=0.0), equal_nan=True
+    )
+
+
+@requires_extension
+def test_torch_compile_dynamic_shapes():
+    def step(x, residual):
+        return fastformer.layer_norm_residual(x, residual, eps=1e-6)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (4, 6):
+        x, residual = torch.randn(rows, 8), torch.randn(rows, 8)
+        for got, expected in zip(compiled(x, residual), step(x, residual), strict=True):
+            torch.testing.assert_close(got, expected)

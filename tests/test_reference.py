@@ -71,8 +71,14 @@ def test_attention_gqa_and_fully_masked_rows():
     mask[1] = False
     out = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert torch.all(out[:, :, 1] == 0) and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="not both"):
-        reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    # A mask with is_causal keeps what both keep, as torch's function does.
+    both = reference.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True
+    )
+    keep = mask & torch.ones(3, 5, dtype=torch.bool).tril()
+    torch.testing.assert_close(
+        both, reference.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ what was given."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -48,22 +49,46 @@ def check_shape(op: str, name: str, tensor: Tensor | None, expected: Sequence[in
         raise ValueError(f"{op}: {name} must have shape {list(expected)}, got {list(tensor.shape)}")
 
 
-def check_probability(op: str, name: str, value: object) -> float:
-    """A dropout probability: a real number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float in [0, 1), got {type(value).__name__}")
-    if not 0.0 <= value < 1.0:  # also rejects NaN
-        raise ValueError(f"{op}: {name} must be in [0, 1), got {value}")
-    return float(value)
+def real_number(op: str, name: str, value: object, expected: str) -> float:
+    """value as a float: an int, a float, a numpy scalar (any numbers.Real) or a 0-d tensor
+    without gradient. Under torch.compile a symbolic number passes as it is (comparisons
+    with it become guards)."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value  # type: ignore[return-value]
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        beyond = "an int beyond float's range"
+        raise ValueError(f"{op}: {name} must be {expected}, got {beyond}") from None
+
+
+def check_probability(op: str, name: str, value: object, *, allow_one: bool = False) -> float:
+    """A dropout probability: a real number in [0, 1) ([0, 1] with allow_one)."""
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    value = real_number(op, name, value, f"a float in {interval}")
+    if not (value >= 0.0 and (value <= 1.0 if allow_one else value < 1.0)):  # rejects NaN
+        raise ValueError(f"{op}: {name} must be in {interval}, got {value}")
+    return value
 
 
 def check_positive(op: str, name: str, value: object) -> float:
-    """A strictly positive, finite real number (eps)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0.0):
+    """A strictly positive, finite real number (softcap, a module's eps)."""
+    value = real_number(op, name, value, "a positive float")
+    if not (0.0 < value < math.inf):  # rejects NaN
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
-    return float(value)
+    return value
+
+
+def check_eps(op: str, name: str, value: object) -> float:
+    """A normalization's epsilon: finite and >= 0 (0 is allowed, as torch allows it)."""
+    value = real_number(op, name, value, "a float >= 0")
+    if not (0.0 <= value < math.inf):  # rejects NaN
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
+    return value
 
 
 def check_bool(op: str, name: str, value: object) -> bool:

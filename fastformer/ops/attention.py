@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _extension, backend
+from ..reference import default_attention_scale
 from ..reference import scaled_dot_product_attention as reference_attention
 from . import _checks
 
@@ -212,9 +212,7 @@ def _kernel_problem(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | No
     if reason:
         return reason
     implementation = backend.implementation(OP, query.device, query.dtype)
-    if not (key.dtype == value.dtype == query.dtype):
-        return "query, key and value of different dtypes"
-    if mask is not None and mask.requires_grad:
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         return "a float mask that requires grad"
     if implementation == backend.CPP:
         return "" if _extension.available else "the compiled extension fastformer._C is not built"
@@ -250,6 +248,11 @@ def _attend(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    # A window side of L + S or more hides no key: unbounded (-1), which also keeps the
+    # kernels' band arithmetic i + offset + side far from int64 (and Triton's int32) limits.
+    reach = q.shape[-2] + k.shape[-2]
+    window_left = -1 if window_left >= reach else window_left
+    window_right = -1 if window_right >= reach else window_right
     dtype, cpp = q.dtype, _runs_cpp(q)
     if cpp and dtype not in _CPP_DTYPES:
         # float16/bfloat16 on CPU: computed in float32 (autograd rounds the gradients back).
@@ -295,11 +298,9 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                 f"got shape {list(tensor.shape)}"
             )
     _checks.check_same_device(OP, "query", query, key=key, value=value, attn_mask=attn_mask)
-    _checks.check_probability(OP, "dropout_p", dropout_p)
+    _check_same_dtype(OP, query=query, key=key, value=value)
     _checks.check_bool(OP, "is_causal", is_causal)
     _checks.check_bool(OP, "enable_gqa", enable_gqa)
-    if scale is not None:
-        _checks.check_positive(OP, "scale", scale)
     if not query.dim() == key.dim() == value.dim():
         raise ValueError(
             f"{OP}: query, key and value must have the same number of dimensions, "
@@ -320,34 +321,71 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             f"{OP}: key and value must agree in every dimension but the last, "
             f"got {list(key.shape)} and {list(value.shape)}"
         )
-    lead_q, lead_k = query.shape[:-2], key.shape[:-2]
-    if enable_gqa and query.dim() >= 3:
-        heads_q, heads_k = lead_q[-1], lead_k[-1]
-        divides = heads_q % heads_k == 0 if heads_k else heads_q == 0
-        if lead_q[:-1] != lead_k[:-1] or not divides:
-            raise ValueError(
-                f"{OP}: with enable_gqa, key's heads (dim -3) must divide query's "
-                f"and the other dimensions match, got query {list(query.shape)} "
-                f"and key {list(key.shape)}"
-            )
-    elif lead_q != lead_k:
-        raise ValueError(
-            f"{OP}: query and key must agree in their leading dimensions "
-            f"(pass enable_gqa=True for fewer key/value heads), got "
-            f"{list(query.shape)} and {list(key.shape)}"
-        )
+    lead = _leading_shape(query, key, enable_gqa)  # raises when they do not broadcast
     if attn_mask is not None:
         _checks.check_tensor(OP, "attn_mask", attn_mask, (torch.bool, *_checks.FLOAT_DTYPES))
-        if is_causal:
-            raise ValueError(f"{OP}: pass attn_mask or is_causal=True, not both")
-        target = (*query.shape[:-1], key.shape[-2])
+        target = (*lead, query.shape[-2], key.shape[-2])
         try:
+            if attn_mask.dim() > len(target):
+                raise RuntimeError("more dimensions than the scores")
             torch.broadcast_shapes(attn_mask.shape, target)
         except RuntimeError:
             raise ValueError(
                 f"{OP}: attn_mask of shape {list(attn_mask.shape)} does not "
                 f"broadcast to (..., L, S) = {list(target)}"
             ) from None
+    return (
+        _checks.check_probability(OP, "dropout_p", dropout_p, allow_one=True),
+        None if scale is None else _checks.real_number(OP, "scale", scale, "a float or None"),
+    )
+
+
+def _check_same_dtype(op: str, **tensors: Tensor) -> None:
+    """query, key and value (q, k, v) must share one dtype, as torch's function requires."""
+    (first, reference), *others = tensors.items()
+    for name, tensor in others:
+        if tensor.dtype != reference.dtype:
+            raise TypeError(
+                f"{op}: {name} must have {first}'s dtype ({reference.dtype}), got {tensor.dtype}"
+            )
+
+
+def _leading_shape(query: Tensor, key: Tensor, enable_gqa: bool) -> tuple[int, ...]:
+    """The output's dimensions before (L, Ev): query's and key's broadcast together, as
+    torch's function broadcasts them (a query of batch 1 against keys of batch 2); with
+    enable_gqa the heads (dim -3) are query's, key's dividing them."""
+    lead_q, lead_k = query.shape[:-2], key.shape[:-2]
+    gqa = enable_gqa and query.dim() >= 3
+    try:
+        if gqa:
+            heads_q, heads_k = lead_q[-1], lead_k[-1]
+            if not (heads_q % heads_k == 0 if heads_k else heads_q == 0):
+                raise RuntimeError("heads do not divide")
+            return (*torch.broadcast_shapes(lead_q[:-1], lead_k[:-1]), heads_q)
+        return tuple(torch.broadcast_shapes(lead_q, lead_k))
+    except RuntimeError:
+        expected = (
+            "key's heads (dim -3) must divide query's and the other leading dimensions broadcast"
+            if gqa
+            else "their leading dimensions must broadcast (pass enable_gqa=True for fewer "
+            "key/value heads)"
+        )
+        raise ValueError(
+            f"{OP}: {expected}, got query {list(query.shape)} and key {list(key.shape)}"
+        ) from None
+
+
+def _broadcast_leading(
+    query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """query, key and value expanded (stride 0, no copy) to their broadcast leading shape."""
+    lead = _leading_shape(query, key, enable_gqa)
+    kv_lead = (*lead[:-1], key.shape[-3]) if enable_gqa and query.dim() >= 3 else lead
+    return (
+        query.expand(*lead, *query.shape[-2:]),
+        key.expand(*kv_lead, *key.shape[-2:]),
+        value.expand(*kv_lead, *value.shape[-2:]),
+    )
 
 
 def scaled_dot_product_attention(
@@ -368,7 +406,9 @@ def scaled_dot_product_attention(
     left. A query row with every key masked gives zeros (and finite gradients). dropout_p is
     applied whenever it is > 0, as torch does.
     """
-    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    dropout_p, scale = _check_sdpa(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+    )
     return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, 0.0)
 
 
@@ -387,7 +427,7 @@ def softcapped_scaled_dot_product_attention(
     capped to softcap * tanh(s / softcap) before the mask (Gemma 2's logit soft-capping;
     softcap > 0), in the kernels. The transformers integration's path for models that cap."""
     arguments = {**_SDPA_OPTIONS, **options}
-    _check_sdpa(query, key, value, **arguments)
+    arguments["dropout_p"], arguments["scale"] = _check_sdpa(query, key, value, **arguments)
     softcap = _checks.check_positive(OP, "softcap", softcap)
     return _sdpa(query, key, value, **arguments, softcap=softcap)
 
@@ -403,7 +443,12 @@ def _sdpa(
     enable_gqa: bool,
     softcap: float,
 ) -> Tensor:
-    """Both SDPA functions, after their checks (softcap 0: no capping)."""
+    """Both SDPA functions, after their checks (softcap 0: no capping). A mask together with
+    is_causal keeps what both keep, as torch's function does."""
+    if query.shape[:-3] != key.shape[:-3] or (
+        not enable_gqa and query.shape[:-2] != key.shape[:-2]
+    ):
+        query, key, value = _broadcast_leading(query, key, value, enable_gqa)
     arguments = {
         "attn_mask": attn_mask,
         "dropout_p": dropout_p,
@@ -411,14 +456,14 @@ def _sdpa(
         "scale": scale,
         "enable_gqa": enable_gqa,
     }
-    if 0 in (query.numel(), key.numel(), value.numel()):
-        # Nothing to attend (no rows, no keys, no heads): zeros or an empty result, which
-        # the reference gives without a kernel launch.
+    if 0 in (query.numel(), key.numel(), value.numel()) or dropout_p == 1.0:
+        # Nothing to attend (no rows, no keys, no heads), or every probability dropped:
+        # zeros or an empty result, which the reference gives without a kernel launch.
         return reference_attention(query, key, value, **arguments, softcap=softcap)
     if _falls_back(query, key, value, attn_mask):
         if softcap > 0.0:  # torch's function has no softcap
             return reference_attention(query, key, value, **arguments, softcap=softcap)
-        return torch_sdpa(query, key, value, **arguments)
+        return _torch_sdpa(query, key, value, **arguments)
 
     source = key.shape[-2]
     # Flatten the leading dimensions to (B, H): views for the usual 3-D and 4-D inputs (4-D
@@ -433,7 +478,7 @@ def _sdpa(
         k,
         v,
         mask,
-        scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]),
+        scale if scale is not None else default_attention_scale(query.shape[-1]),
         dropout_p,
         0,
         -1,
@@ -441,6 +486,25 @@ def _sdpa(
         softcap=softcap,
     )
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _torch_sdpa(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool, **options
+) -> Tensor:
+    """torch's function for a call the kernels do not take, given what fastformer's accepts
+    too: a mask together with is_causal (merged into one mask, which torch's backends do not
+    all take), and a float mask in another float dtype than query's (cast)."""
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
+        attn_mask = attn_mask.to(query.dtype)
+    if attn_mask is not None and is_causal:
+        length, source = query.shape[-2], key.shape[-2]
+        keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & keep
+        else:
+            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+        is_causal = False
+    return torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **options)
 
 
 def _as_4d(tensor: Tensor) -> Tensor:
@@ -496,6 +560,7 @@ def flash_attn_func(
                 f"got shape {list(tensor.shape)}"
             )
     _checks.check_same_device(name, "q", q, k=k, v=v)
+    _check_same_dtype(name, q=q, k=k, v=v)
     dropout_p = _checks.check_probability(name, "dropout_p", dropout_p)
     for flag, value in (
         ("causal", causal),
@@ -505,11 +570,10 @@ def flash_attn_func(
     ):
         _checks.check_bool(name, flag, value)
     if softmax_scale is not None:
-        _checks.check_positive(name, "softmax_scale", softmax_scale)
+        softmax_scale = _checks.real_number(name, "softmax_scale", softmax_scale, "a float or None")
     if softcap != 0.0:
         softcap = _checks.check_positive(name, "softcap", softcap)
-    if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
-        raise ValueError(f"{name}: window_size must be (left, right) ints >= -1, got {window_size}")
+    window_size = _window_size(name, window_size)
     if k.shape[:-1] != v.shape[:-1] or k.shape[0] != q.shape[0]:
         raise ValueError(
             f"{name}: k and v must be (batch, seqlen_k, heads_k, *) with q's "
@@ -523,7 +587,7 @@ def flash_attn_func(
         )
     length, source = q.shape[1], k.shape[1]
     slopes = None if alibi_slopes is None else _alibi_slopes(name, alibi_slopes, q)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale if softmax_scale is not None else default_attention_scale(q.shape[-1])
     window_left, window_right = window_size
     if causal:
         window_right = 0
@@ -540,10 +604,21 @@ def flash_attn_func(
         out, lse = _banded_attention_torch(qt, kt, vt, *band, alibi_slopes=slopes, softcap=softcap)
     else:
         out, lse = _attend(qt, kt, vt, None, *band, alibi_slopes=slopes, softcap=softcap)
-    out = out.transpose(1, 2)
+    out, lse = out.transpose(1, 2), lse.float()  # lse in float32 from every path
     if return_attn_probs:
         return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def _window_size(name: str, window_size: object) -> tuple[int, int]:
+    """flash_attn_func's window_size: (left, right), ints >= -1 (-1: unbounded)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(
+            f"{name}: window_size must be a (left, right) pair of ints >= -1, got {window_size!r}"
+        )
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size):
+        raise ValueError(f"{name}: window_size must be (left, right) ints >= -1, got {window_size}")
+    return window_size[0], window_size[1]
 
 
 def _alibi_slopes(name: str, slopes: object, q: Tensor) -> Tensor:

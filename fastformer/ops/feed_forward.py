@@ -63,11 +63,12 @@ def _check_matrix(name: str, value: Tensor, rows: int | None, cols: int, rows_hi
 
 
 def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
-    """Under autocast, the op runs in the autocast dtype, as torch.nn.Linear does."""
+    """Under autocast, the op runs in the autocast dtype, as torch.nn.Linear does: autocast
+    casts floating tensors other than float64 (float64 ones stay as they are)."""
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
 
 
 def feed_forward(

@@ -115,7 +115,8 @@ def layer_norm_residual(
         residual: same shape as x, in x's dtype or float32; None for no residual.
         weight, bias: (N,) affine parameters of any float dtype (float32 master weights
             with bfloat16 activations are fine), or None.
-        eps: added to the variance; finite and > 0.
+        eps: added to the variance; finite and >= 0 (0, as torch allows: a constant row then
+            gives NaN, as in torch).
         dropout_p: probability of zeroing an element of x, in [0, 1); applied only when
             training. The mask comes from torch's generator (torch.manual_seed reproduces
             it; activation checkpointing recomputes the same one) and is never stored.
@@ -131,7 +132,7 @@ def layer_norm_residual(
     residual = _checks.check_optional_tensor(OP, "residual", residual)
     weight = _checks.check_optional_tensor(OP, "weight", weight)
     bias = _checks.check_optional_tensor(OP, "bias", bias)
-    eps = _checks.check_positive(OP, "eps", eps)
+    eps = _checks.check_eps(OP, "eps", eps)
     dropout_p = _checks.check_probability(OP, "dropout_p", dropout_p)
     for name, flag in (
         ("rms_norm", rms_norm),
@@ -150,9 +151,8 @@ def layer_norm_residual(
     _checks.check_shape(OP, "bias", bias, (features,))
     acc = reference.accumulation_dtype(x.dtype)
     if residual is not None and residual.dtype not in (x.dtype, acc):
-        raise TypeError(
-            f"{OP}: residual must have x's dtype ({x.dtype}) or {acc}, got {residual.dtype}"
-        )
+        allowed = f"x's dtype ({x.dtype})" + ("" if acc == x.dtype else f" or {acc}")
+        raise TypeError(f"{OP}: residual must have {allowed}, got {residual.dtype}")
 
     dropout_p = dropout_p if training else 0.0
     h_dtype = reference.residual_stream_dtype(
