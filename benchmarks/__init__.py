@@ -4,7 +4,8 @@ suite per op.
     from fastformer_benchmarks import run
     run(["layer_norm_residual"], dtype="bf16", full=False)
 
-Results land in benchmarks/results/<device slug>.json (and .csv, .png); see README.md.
+Results land in benchmarks/results/<device slug>.json (and .csv, .png) in a source checkout,
+else in ./fastformer-bench-results; see README.md.
 """
 
 from .runner import DEFAULT_OUT_DIR, SUITES, load_suite, run

@@ -37,7 +37,19 @@ SUITES: dict[str, str] = {
     # Last: a bounded GPU run (tools/gpu_checks.sh) reaches the op suites' targets first.
     "attention_variants": ".bench_attention_variants",
 }
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+
+
+def default_out_dir(package: Path) -> Path:
+    """Where results go unless told: results/ beside the suites in a source checkout (the
+    package folder is benchmarks/, next to setup.py), where the README's result tables are
+    written from; once installed, ./fastformer-bench-results, relative to the current folder,
+    since site-packages may be read-only and holds the results shipped with the package."""
+    if package.name == "benchmarks" and (package.parent / "setup.py").is_file():
+        return package / "results"
+    return Path("fastformer-bench-results")
+
+
+DEFAULT_OUT_DIR = default_out_dir(Path(__file__).resolve().parent)
 # CPU timings are pinned to this many threads (FASTFORMER_BENCH_THREADS overrides), so that
 # results of one machine are comparable between runs; the count is part of the file name.
 DEFAULT_CPU_THREADS = 2
@@ -49,6 +61,37 @@ def load_suite(name: str) -> Suite:
     if name not in SUITES:
         raise ValueError(f"unknown benchmark suite {name!r}; known: {', '.join(SUITES)}")
     return importlib.import_module(SUITES[name], __package__).SUITE
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to benchmark: "cpu", "cuda" or "cuda:<index>" (default: cuda when
+    available); ValueError for another name, or for cuda where torch sees no CUDA device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu or cuda, got {device!r}")
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        why = "sees no GPU" if torch.version.cuda else "is built for CPU only"
+        raise ValueError(
+            f"no CUDA device is available for {device!r} (torch {torch.__version__} {why})"
+        )
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+def cpu_threads(threads: int | None) -> int:
+    """The CPU threads to pin: `threads`, else FASTFORMER_BENCH_THREADS, else
+    DEFAULT_CPU_THREADS, at most the cores there are; ValueError unless an integer >= 1."""
+    if threads is None:
+        text = os.environ.get("FASTFORMER_BENCH_THREADS", str(DEFAULT_CPU_THREADS))
+        if not text.strip().isdigit() or int(text) < 1:
+            raise ValueError(f"FASTFORMER_BENCH_THREADS must be an integer >= 1, got {text!r}")
+        threads = int(text)
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    return min(threads, os.cpu_count() or threads)
 
 
 def _fastformer_info() -> Any:
@@ -75,7 +118,8 @@ def run(
 
     dtype: one dtype for every suite instead of their defaults ("bf16", "float32", ...).
     full: the long sweep (more sizes, dtypes and variants). device: "cuda" or "cpu"
-    (default: cuda when available). threads: CPU threads to pin (default 2).
+    (default: cuda when available; ValueError without CUDA). threads: CPU threads to pin
+    (default 2). Every argument is checked before anything runs.
     Returns the JSON document written, plus "files": the paths written.
     """
     # Piped output (CI logs) gets a wide table rather than rich's 80-column default.
@@ -83,13 +127,10 @@ def run(
     console = console or Console(width=None if wide else 180)
     suites = [load_suite(name) for name in (ops or list(SUITES))]
     chosen_dtype = parse_dtype(dtype) if dtype else None
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if target.type == "cuda" and target.index is None:
-        target = torch.device("cuda", torch.cuda.current_device())
+    target = resolve_device(device)
     previous_threads = torch.get_num_threads()
     if target.type == "cpu":
-        wanted = threads or int(os.environ.get("FASTFORMER_BENCH_THREADS", DEFAULT_CPU_THREADS))
-        torch.set_num_threads(max(1, min(wanted, os.cpu_count() or wanted)))
+        torch.set_num_threads(cpu_threads(threads))
     try:
         return _run(suites, chosen_dtype, Path(out_dir), full, target, console)
     finally:

@@ -60,28 +60,50 @@ def _print_info(as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastformer_benchmarks import DEFAULT_OUT_DIR, SUITES, run
+    from fastformer_benchmarks.measure import parse_dtype
+    from fastformer_benchmarks.runner import resolve_device
+
+    from fastformer.models import train as training
+    from fastformer.models.config import Bound
+
+    # Every option is checked while parsing (argparse types), so that a bad one ends in
+    # argparse's one-line error and exit code 2, before any work.
     parser = argparse.ArgumentParser(prog="fastformer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info_parser = commands.add_parser("info", help="versions, device and which kernels run")
     info_parser.add_argument("--json", action="store_true", help="print JSON")
     bench = commands.add_parser("bench", help="benchmark the kernels on this machine's device")
     bench.add_argument("--ops", nargs="+", help="suites to run (default: all)")
-    bench.add_argument("--dtype", help="dtype to benchmark (default: the device's usual one)")
+    bench.add_argument(
+        "--dtype",
+        type=training.checked_option(parse_dtype),
+        help="dtype to benchmark (default: the device's usual one)",
+    )
+    # Absolute in a source checkout (benchmarks/results), else relative to the current folder.
+    where = "" if DEFAULT_OUT_DIR.is_absolute() else ", in the current folder"
     bench.add_argument(
         "--out",
-        type=Path,
-        default=None,
-        help="output folder for JSON, CSV and plots (default: benchmarks/results)",
+        type=training.checked_option(training.check_out_folder),
+        default=str(DEFAULT_OUT_DIR),
+        help=f"output folder for JSON, CSV and plots (default: {DEFAULT_OUT_DIR}{where})",
     )
     bench.add_argument("--full", action="store_true", help="the complete sweeps (slow)")
-    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    bench.add_argument("--threads", type=int, help="CPU threads to pin (default 2)")
+    bench.add_argument(
+        "--device",
+        type=training.checked_option(resolve_device),
+        metavar="{cpu,cuda}",
+        help="default: cuda when available",
+    )
+    bench.add_argument(
+        "--threads",
+        type=training.number_option(Bound(1)),
+        help="CPU threads to pin (default 2, or FASTFORMER_BENCH_THREADS)",
+    )
     train = commands.add_parser(
         "train",
         help="train the Seq2SeqTransformer on a synthetic digit task (torchrun for DDP)",
     )
-    from fastformer.models import train as training
-
     training.add_arguments(train)
     args = parser.parse_args(argv)
 
@@ -89,17 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         _print_info(args.json)
         return 0
     if args.command == "train":
-        training.run_command(args)
+        try:  # what no single option can check: min_digits > max_digits, d_model % n_heads
+            config = training.config_from_args(args)
+        except ValueError as error:
+            train.error(str(error))
+        training.run_command(config)
         return 0
-    from fastformer_benchmarks import DEFAULT_OUT_DIR, SUITES, run
-
     unknown = sorted(set(args.ops or ()) - set(SUITES))
     if unknown:
-        parser.error(f"unknown --ops {unknown}; known: {sorted(SUITES)}")
+        bench.error(f"argument --ops: unknown suites {unknown}; known: {sorted(SUITES)}")
     run(
         args.ops,
         args.dtype,
-        args.out or DEFAULT_OUT_DIR,
+        Path(args.out),
         args.full,
         device=args.device,
         threads=args.threads,

@@ -121,6 +121,116 @@ def test_unknown_suite_is_named():
         load_suite("nope")
 
 
+# ----------------------------------------------------------------------------------------
+# `fastformer bench`: where results go, and bad options
+# ----------------------------------------------------------------------------------------
+
+
+def test_default_out_dir_is_the_checkouts_results_or_a_folder_here(tmp_path):
+    """A source checkout writes benchmarks/results (the README's tables read them); an
+    installed package never writes into site-packages."""
+    from fastformer_benchmarks import DEFAULT_OUT_DIR
+    from fastformer_benchmarks.runner import default_out_dir
+
+    assert DEFAULT_OUT_DIR == REPOSITORY / "benchmarks" / "results"
+    checkout = tmp_path / "checkout"
+    (checkout / "benchmarks").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    assert default_out_dir(checkout / "benchmarks") == checkout / "benchmarks" / "results"
+    installed = tmp_path / "site-packages" / "fastformer_benchmarks"
+    installed.mkdir(parents=True)
+    assert default_out_dir(installed) == Path("fastformer-bench-results")
+    assert default_out_dir(tmp_path / "benchmarks") == Path("fastformer-bench-results")
+
+
+def test_installed_bench_help_names_its_default(tmp_path):
+    """A copy of the package outside the checkout, as pip installs it, imported first."""
+    import shutil
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPOSITORY / "benchmarks", site / "fastformer_benchmarks")
+    script = (
+        f"import sys; sys.path.insert(0, {str(site)!r}); import fastformer_benchmarks; "
+        "print(fastformer_benchmarks.__file__); "
+        "from fastformer.__main__ import main; main(['bench', '--help'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(str(site / "fastformer_benchmarks"))
+    help_text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "(default: fastformer-bench-results, in the current folder)" in help_text
+    checkout = subprocess.run(
+        [sys.executable, "-m", "fastformer", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    expected = f"(default: {REPOSITORY / 'benchmarks' / 'results'})"
+    assert expected in " ".join(checkout.stdout.split())
+
+
+def _bench_error(capsys, argv: list[str]) -> str:
+    """The one-line error of `fastformer bench <argv>`, which must exit with code 2."""
+    from fastformer.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *argv])
+    assert exited.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bench_command_rejects_bad_options(capsys, tmp_path):
+    prefix = "fastformer bench: error: argument"
+    error = _bench_error(capsys, ["--dtype", "int8"])
+    assert error.startswith(f"{prefix} --dtype: unknown dtype 'int8'; one of [")
+    assert "'bf16'" in error and "'float32'" in error
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    error = _bench_error(capsys, ["--out", str(taken)])
+    assert error == f"{prefix} --out: output folder '{taken}' exists and is not a folder"
+    error = _bench_error(capsys, ["--out", str(taken / "below")])
+    assert error.startswith(f"{prefix} --out: output folder '{taken / 'below'}' cannot be")
+    for threads in ("0", "-2", "two"):
+        error = _bench_error(capsys, ["--threads", threads])
+        assert error == f"{prefix} --threads: expected an integer >= 1, got {threads!r}"
+    error = _bench_error(capsys, ["--device", "tpu"])
+    assert error == f"{prefix} --device: expected cpu or cuda, got 'tpu'"
+    error = _bench_error(capsys, ["--ops", "nope"])
+    assert error.startswith(f"{prefix} --ops: unknown suites ['nope']; known: [")
+    assert taken.read_text() == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_cuda_without_cuda_is_a_clean_error(capsys, tmp_path):
+    """It was an AssertionError traceback from torch; run() itself says the same."""
+    from fastformer_benchmarks import run
+
+    error = _bench_error(capsys, ["--device", "cuda", "--out", str(tmp_path)])
+    assert error.startswith(
+        "fastformer bench: error: argument --device: no CUDA device is available for 'cuda'"
+    )
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        run(["layer_norm_residual"], None, tmp_path, device="cuda")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_threads_are_checked_not_replaced(monkeypatch):
+    """0 or a negative count was silently replaced by the default or by 1."""
+    from fastformer_benchmarks.runner import cpu_threads
+
+    assert cpu_threads(1) == 1
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+            cpu_threads(bad)
+    monkeypatch.setenv("FASTFORMER_BENCH_THREADS", "lots")
+    with pytest.raises(ValueError, match="FASTFORMER_BENCH_THREADS must be an integer >= 1"):
+        cpu_threads(None)
+    monkeypatch.setenv("FASTFORMER_BENCH_THREADS", "1")
+    assert cpu_threads(None) == 1
+
+
 @requires_extension
 def test_attention_suite_runs_end_to_end(quick_run, monkeypatch):
     from fastformer_benchmarks import bench_attention as suite

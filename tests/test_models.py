@@ -215,6 +215,52 @@ def test_config_checks_and_round_trip():
         _model()(*_batch(src_len=17))
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("vocab_size", 0),
+        ("vocab_size", 11.0),  # a float, even a whole one, is not a size
+        ("d_model", 0),
+        ("n_heads", 0),  # was a ZeroDivisionError
+        ("n_heads", -3),
+        ("n_encoder_layers", -1),
+        ("n_decoder_layers", 0),  # generate() with the cache failed with an IndexError
+        ("n_decoder_layers", True),
+        ("dim_feedforward", 0),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("dropout", float("nan")),
+        ("max_len", 0),
+        ("norm_eps", 0.0),
+        ("norm_eps", float("inf")),
+        ("init_std", -0.1),
+        ("pad_id", -1),
+    ],
+)
+def test_config_rejects_each_bad_field_by_name(field, value):
+    with pytest.raises(ValueError, match=f"Seq2SeqConfig: {field} must be"):
+        _config(**{field: value})
+
+
+def test_config_rejects_bad_activation_and_shared_token_ids():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        _config(activation="nope")
+    with pytest.raises(ValueError, match="pad_id, bos_id and eos_id must differ"):
+        _config(eos_id=PAD)
+
+
+def test_no_encoder_layers_decode_over_the_embeddings():
+    """n_encoder_layers=0 is allowed (the decoder attends over the normed embeddings): it
+    trains, and generates the same tokens with and without the cache."""
+    model = _model(n_encoder_layers=0)
+    src, tgt = _batch(batch=4)
+    model.loss(src, tgt).backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    cached = model.generate(src, 10)
+    torch.testing.assert_close(cached, model.generate(src, 10, use_cache=False), rtol=0, atol=0)
+    assert len(set(cached.flatten().tolist())) > 3  # a non-trivial model
+
+
 # ----------------------------------------------------------------------------------------
 # generate() and the KV cache
 # ----------------------------------------------------------------------------------------
@@ -265,6 +311,44 @@ def test_generated_rows_end_with_eos_then_padding():
             assert all(t == PAD for t in row[row.index(EOS) + 1 :])
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(src, 17)
+
+
+@pytest.mark.parametrize("do_sample", [True, False], ids=["sample", "greedy"])
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("temperature", float("nan")),  # was accepted: every token became padding
+        ("temperature", float("inf")),
+        ("temperature", 0.0),
+        ("temperature", -1.0),
+        ("top_k", 0),  # was an internal tensor error
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 17),  # max_len is 16
+        ("max_new_tokens", 4.0),
+    ],
+)
+def test_generate_rejects_bad_arguments_by_name(argument, value, do_sample):
+    model = _model()
+    src, _ = _batch()
+    options = {"max_new_tokens": 4, argument: value}
+    with pytest.raises(ValueError, match=f"generate: {argument} must be"):
+        model.generate(src, do_sample=do_sample, **options)
+
+
+def test_top_k_of_the_vocabulary_or_more_keeps_every_token():
+    model = _model()
+    src, _ = _batch(batch=5)
+    samples = []
+    for top_k in (None, 11, 1000):  # vocab_size is 11
+        generator = torch.Generator().manual_seed(4)
+        samples.append(model.generate(src, 12, do_sample=True, top_k=top_k, generator=generator))
+    torch.testing.assert_close(samples[1], samples[0], rtol=0, atol=0)
+    torch.testing.assert_close(samples[2], samples[0], rtol=0, atol=0)
+    greedy = model.generate(src, 12)  # top_k=1 samples the argmax
+    torch.testing.assert_close(model.generate(src, 12, do_sample=True, top_k=1), greedy)
 
 
 def test_cache_fed_several_tokens_at_a_time():

@@ -156,3 +156,123 @@ def test_two_processes_equal_one_process(tmp_path, fsdp):
         torch.testing.assert_close(ddp["model"][name], weight, rtol=0, atol=1e-6)
     assert ddp["result"]["final_loss"] == pytest.approx(single.final_loss, abs=1e-6)
     assert asdict(single)["steps"] == 3
+
+
+# ----------------------------------------------------------------------------------------
+# Bad settings: a clean error before any work
+# ----------------------------------------------------------------------------------------
+
+
+def _main_error(capsys, argv: list[str]) -> str:
+    """The one-line error of `fastformer <argv>`, which must exit with argparse's code 2."""
+    from fastformer.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--steps", "0", "expected an integer >= 1"),  # trained 0 steps, loss NaN
+        ("--steps", "-1", "expected an integer >= 1"),
+        ("--threads", "-1", "expected an integer >= 1"),  # a RuntimeError traceback
+        ("--threads", "0", "expected an integer >= 1"),
+        ("--batch-size", "0", "expected an integer >= 1"),
+        ("--n-layers", "0", "expected an integer >= 1"),
+        ("--eval-every", "0", "expected an integer >= 1"),  # a ZeroDivisionError
+        ("--test-size", "0", "expected an integer >= 1"),
+        ("--max-digits", "2.5", "expected an integer >= 1"),
+        ("--lr", "nan", "expected a finite number > 0"),
+        ("--lr", "0", "expected a finite number > 0"),
+        ("--grad-clip", "-1", "expected a finite number > 0"),
+        ("--weight-decay", "-0.1", "expected a finite number >= 0"),
+        ("--warmup", "-1", "expected an integer >= 0"),
+        ("--dropout", "1", "expected a finite number in [0, 1)"),
+        ("--stop-at", "1.5", "expected a finite number in (0, 1]"),
+    ],
+)
+def test_train_command_rejects_each_bad_number(capsys, tmp_path, option, value, expected):
+    out = tmp_path / "run"
+    error = _main_error(capsys, ["train", "--out", str(out), option, value])
+    assert error == f"fastformer train: error: argument {option}: {expected}, got {value!r}"
+    assert not out.exists()
+
+
+def test_train_command_rejects_settings_that_do_not_fit_together(capsys, tmp_path):
+    out = str(tmp_path / "run")
+    error = _main_error(capsys, ["train", "--out", out, "--d-model", "30", "--n-heads", "4"])
+    assert error.startswith("fastformer train: error: Seq2SeqConfig: d_model (30) must be")
+    error = _main_error(capsys, ["train", "--out", out, "--min-digits", "5", "--max-digits", "3"])
+    assert "min_digits <= max_digits" in error
+
+
+def test_train_command_rejects_an_out_that_is_a_file_before_training(tmp_path, monkeypatch):
+    """It trained first, then failed to save with a FileExistsError traceback."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "below"):
+        command = [sys.executable, "-m", "fastformer", "train", "--out", str(out)]
+        done = subprocess.run(
+            [*command, "--steps", "1", *_flags(TINY)],
+            capture_output=True,
+            text=True,
+            env=_environment(),
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
+        assert (
+            done.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"fastformer train: error: argument --out: output folder '{out}' ")
+        )
+        assert "exists and is not a folder" in done.stderr
+    assert taken.read_text() == "not a folder"
+    # train() itself checks before the first step too.
+    import fastformer.models.train as training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(training, "_train_step", no_training)
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        train(TrainConfig(**dict(TINY, steps=1), out=str(taken)))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "TrainConfig: steps must be an integer >= 1"),
+        ("steps", 2.0, "TrainConfig: steps must be an integer >= 1"),
+        ("threads", 0, "TrainConfig: threads must be an integer >= 1"),
+        ("lr", float("nan"), "TrainConfig: lr must be a finite number > 0"),
+        ("n_layers", 0, "TrainConfig: n_layers must be an integer >= 1"),
+        ("backend", "nope", "backend must be one of"),
+        ("task", "nope", "task must be one of"),
+    ],
+)
+def test_train_config_checks_its_fields(field, value, message):
+    """The Python API checks as the command line does, before any work."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_metrics_json_is_strict_json_even_for_a_diverged_loss(tmp_path):
+    """NaN and infinity, which json.dumps writes as bare NaN / Infinity (not JSON), are null."""
+    from fastformer.models.train import TrainResult, _save
+
+    config = TrainConfig(**dict(TINY, steps=2), out=str(tmp_path))
+    model_config = config.model_config(DigitTask(max_digits=5))
+    history = {"step": [1, 2], "loss": [2.5, float("nan")], "eval_step": [2], "exact": [0.0]}
+    result = TrainResult(2, 0.5, float("inf"), float("nan"), 0.0, 1, history)
+    _save({}, model_config, config, result)
+
+    def not_json(constant: str) -> None:
+        raise AssertionError(f"{constant} in metrics.json")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=not_json)
+    assert metrics["final_loss"] is None and metrics["tokens_per_second"] is None
+    assert metrics["history"]["loss"] == [2.5, None] and metrics["steps"] == 2

@@ -2,8 +2,70 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
+
+from ..ops.feed_forward import ACTIVATIONS
+
+
+class Bound(NamedTuple):
+    """The allowed values of a numeric setting: an integer, or a finite number, in a range.
+
+    One check for the configs (Seq2SeqConfig, models/train.py's TrainConfig) and the command
+    line's option types, so that both say the same."""
+
+    low: float
+    high: float = math.inf
+    integer: bool = True
+    low_open: bool = False  # the value must exceed low, not merely reach it
+    high_open: bool = False
+
+    def describe(self) -> str:
+        """What is expected, e.g. "an integer >= 1" or "a finite number in [0, 1)"."""
+        kind = "an integer" if self.integer else "a finite number"
+        low, high = (int(v) if float(v).is_integer() else v for v in (self.low, self.high))
+        if self.high == math.inf:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{kind} in {left}{low}, {high}{right}"
+
+    def accepts(self, value: object) -> bool:
+        # bool is an int to Python, but True as a layer count is a mistake; NaN fails every
+        # comparison below, so it is never accepted.
+        kind = numbers.Integral if self.integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return False
+        value = float(value)
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def check(self, owner: str, name: str, value: object) -> None:
+        """Raise ValueError "<owner>: <name> must be <describe()>, got <value>"."""
+        if not self.accepts(value):
+            raise ValueError(f"{owner}: {name} must be {self.describe()}, got {value!r}")
+
+
+# Seq2SeqConfig's numeric fields. A decoder needs a layer: its layers hold the
+# cross-attention, the only path from the source to the output; the encoder may have none
+# (the decoder then attends over the source's embeddings).
+FIELD_BOUNDS: dict[str, Bound] = {
+    "vocab_size": Bound(1),
+    "d_model": Bound(1),
+    "n_heads": Bound(1),
+    "n_encoder_layers": Bound(0),
+    "n_decoder_layers": Bound(1),
+    "dim_feedforward": Bound(1),
+    "dropout": Bound(0, 1, integer=False, high_open=True),
+    "max_len": Bound(1),
+    "norm_eps": Bound(0, integer=False, low_open=True),
+    "pad_id": Bound(0),
+    "bos_id": Bound(0),
+    "eos_id": Bound(0),
+    "init_std": Bound(0, integer=False),
+}
 
 
 @dataclass
@@ -34,20 +96,29 @@ class Seq2SeqConfig:
     init_std: float = 0.02  # normal init of embeddings and linear weights
 
     def __post_init__(self) -> None:
+        for name, bound in FIELD_BOUNDS.items():
+            bound.check("Seq2SeqConfig", name, getattr(self, name))
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"Seq2SeqConfig: activation must be one of {list(ACTIVATIONS)}, "
+                f"got {self.activation!r}"
+            )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"Seq2SeqConfig: d_model ({self.d_model}) must be divisible by "
                 f"n_heads ({self.n_heads})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Seq2SeqConfig: dropout must be in [0, 1), got {self.dropout}")
-        for name in ("pad_id", "bos_id", "eos_id"):
-            value = getattr(self, name)
-            if not 0 <= value < self.vocab_size:
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        for name, value in ids.items():
+            if value >= self.vocab_size:
                 raise ValueError(
                     f"Seq2SeqConfig: {name} ({value}) must be a token id below "
                     f"vocab_size ({self.vocab_size})"
                 )
+        # generate() pads finished rows and the loss ignores padding: one id for two roles
+        # would end every row at once, or never teach the model to stop.
+        if len(set(ids.values())) < len(ids):
+            raise ValueError(f"Seq2SeqConfig: pad_id, bos_id and eos_id must differ, got {ids}")
 
     @property
     def head_dim(self) -> int:

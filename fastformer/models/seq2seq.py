@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..nn import LayerNorm
 from .backend import Kernels, check_backend, get_kernels
 from .cache import DecoderCache, KVCache, LayerCache
-from .config import Seq2SeqConfig
+from .config import Bound, Seq2SeqConfig
 from .layers import DecoderLayer, EncoderLayer
 
 __all__ = ["Seq2SeqTransformer"]
@@ -191,16 +191,17 @@ class Seq2SeqTransformer(nn.Module):
         every row has its EOS. use_cache=False recomputes the decoder over the whole prefix
         at each step (same tokens, slower). Sampling draws from torch's generator (or
         `generator`), the same draws with and without the cache.
+
+        Checked whether sampling or not (ValueError naming the argument): max_new_tokens an
+        integer in [1, max_len]; temperature a finite number > 0; top_k None (every token)
+        or an integer >= 1, where a top_k of vocab_size or more keeps every token.
         """
         config = self.config
         max_new_tokens = config.max_len if max_new_tokens is None else max_new_tokens
-        if not 1 <= max_new_tokens <= config.max_len:
-            raise ValueError(
-                f"generate: max_new_tokens must be in [1, max_len={config.max_len}], "
-                f"got {max_new_tokens}"
-            )
-        if do_sample and temperature <= 0:
-            raise ValueError(f"generate: temperature must be > 0, got {temperature}")
+        Bound(1, config.max_len).check("generate", "max_new_tokens", max_new_tokens)
+        Bound(0, integer=False, low_open=True).check("generate", "temperature", temperature)
+        if top_k is not None:
+            Bound(1).check("generate", "top_k", top_k)
         was_training = self.training
         self.eval()
         try:

@@ -19,6 +19,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backend import BACKENDS
-from .config import Seq2SeqConfig
+from .backend import BACKENDS, check_backend
+from .config import FIELD_BOUNDS, Bound, Seq2SeqConfig
 from .seq2seq import Seq2SeqTransformer
 from .tasks import TASKS, Batch, DigitTask
 
@@ -36,9 +37,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "add_arguments",
+    "check_out_folder",
+    "checked_option",
     "config_from_args",
     "evaluate",
     "load_checkpoint",
+    "number_option",
     "train",
 ]
 
@@ -73,6 +77,16 @@ class TrainConfig:
     out: str = "runs/seq2seq"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Every setting checked here, before any work (ValueError naming the field): the
+        numbers against _BOUNDS, the task, backend and model sizes by building them."""
+        for name, bound in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None:  # threads and stop_at: None is their default
+                bound.check("TrainConfig", name, value)
+        check_backend(self.backend)
+        self.model_config(DigitTask(self.task, self.min_digits, self.max_digits))
+
     def model_config(self, task: DigitTask) -> Seq2SeqConfig:
         return Seq2SeqConfig(
             vocab_size=task.vocab_size,
@@ -87,6 +101,44 @@ class TrainConfig:
             bos_id=task.bos_id,
             eos_id=task.eos_id,
         )
+
+
+# TrainConfig's numeric fields (also the command line's option types); the model's sizes as
+# Seq2SeqConfig bounds them, n_layers as the decoder's (both stacks get it).
+_BOUNDS: dict[str, Bound] = {
+    "min_digits": Bound(1),
+    "max_digits": Bound(1),
+    "steps": Bound(1),
+    "batch_size": Bound(1),
+    "lr": Bound(0, integer=False, low_open=True),
+    "warmup": Bound(0),
+    "weight_decay": Bound(0, integer=False),
+    "grad_clip": Bound(0, integer=False, low_open=True),
+    "d_model": FIELD_BOUNDS["d_model"],
+    "n_heads": FIELD_BOUNDS["n_heads"],
+    "n_layers": FIELD_BOUNDS["n_decoder_layers"],
+    "dim_feedforward": FIELD_BOUNDS["dim_feedforward"],
+    "dropout": FIELD_BOUNDS["dropout"],
+    "eval_every": Bound(1),
+    "eval_size": Bound(1),
+    "test_size": Bound(1),
+    "stop_at": Bound(0, 1, integer=False, low_open=True),
+    "threads": Bound(1),
+}
+
+
+def check_out_folder(path: str | Path) -> None:
+    """ValueError where `path` cannot become an output folder, so that a run fails before
+    its work rather than when it saves: it, or a folder above it, is not a folder, or the
+    deepest existing folder on the way is not writable."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:  # the deepest existing part
+        existing = existing.parent
+    where = "" if existing == Path(path) else f"cannot be created: {str(existing)!r} "
+    if not existing.is_dir():
+        raise ValueError(f"output folder {str(path)!r} {where}exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {str(path)!r} {where}is not writable")
 
 
 @dataclass
@@ -208,6 +260,7 @@ def _progress(enabled: bool, steps: int):
 
 def train(config: TrainConfig) -> TrainResult:
     """Train, evaluate and (on rank 0) save; see the module docstring."""
+    check_out_folder(config.out)
     rank, world = _distributed()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {world} ranks")
@@ -350,8 +403,21 @@ def _save(
         },
         out / "checkpoint.pt",
     )
-    (out / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
+    # JSON has no NaN or infinity (a diverged loss): null, and allow_nan=False guarantees it.
+    metrics = json.dumps(_finite_or_none(asdict(result)), indent=2, allow_nan=False)
+    (out / "metrics.json").write_text(metrics)
     _plot(result, out / "loss.png")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """value with every NaN or infinite float, however nested in dicts and lists, as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _plot(result: TrainResult, path: Path) -> None:
@@ -415,8 +481,39 @@ _HELP = {
 }
 
 
+def number_option(bound: Bound) -> Callable[[str], int | float]:
+    """An argparse type: the option's text as a number within bound, else argparse's error
+    "argument --name: expected <what bound allows>, got <text>"."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if bound.integer else float(text)
+        except ValueError:
+            value = None
+        if not bound.accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {bound.describe()}, got {text!r}")
+        return value
+
+    return parse
+
+
+def checked_option(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the option's text once check(text) passes; check's ValueError
+    becomes argparse's error "argument --name: <message>"."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--option for every TrainConfig field (--steps, --batch-size, --backend, ...)."""
+    """--option for every TrainConfig field (--steps, --batch-size, --backend, ...), each
+    checked as TrainConfig checks it, while parsing."""
     for spec in fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default
@@ -425,9 +522,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
-        elif spec.name in ("stop_at", "threads"):
-            kind = float if spec.name == "stop_at" else int
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+        elif spec.name in _BOUNDS:
+            option = number_option(_BOUNDS[spec.name])
+            parser.add_argument(flag, type=option, default=default, help=help_text)
+        elif spec.name == "out":
+            option = checked_option(check_out_folder)
+            parser.add_argument(flag, type=option, default=default, help=help_text)
         else:
             choices = None
             if spec.name == "task":
@@ -440,18 +540,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed options: ValueError for the settings no single option can
+    check (min_digits > max_digits, d_model not divisible by n_heads)."""
     return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in fields(TrainConfig)})
 
 
-def run_command(args: argparse.Namespace) -> TrainResult:
+def run_command(config: TrainConfig) -> TrainResult:
     """`fastformer train`: train, print the result on rank 0, leave the process group."""
-    result = train(config_from_args(args))
+    result = train(config)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(
             f"trained {result.steps} steps on {result.world_size} process(es) in "
             f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); final loss "
             f"{result.final_loss:.4f}; held-out exact-match {result.exact_match:.2%}; "
-            f"saved to {args.out}/"
+            f"saved to {config.out}/"
         )
     if dist.is_initialized():
         dist.destroy_process_group()
