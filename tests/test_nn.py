@@ -99,3 +99,63 @@ def test_wrong_trailing_shape_is_named():
 
 def test_repr_mentions_shape_and_eps():
     assert "(8,), eps=1e-05" in repr(fastformer.nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_default_eps_matches_torch_in_half_precision(dtype):
+    """eps=None is the accumulation dtype's (float32's) epsilon, as torch computes it, not
+    the input dtype's (65536 times larger for bfloat16, which torch's docs name): on rows
+    of magnitude 1e-2 the two differ several-fold."""
+    theirs = torch.nn.RMSNorm(24).to(dtype)
+    _randomize(theirs)
+    ours = fastformer.nn.RMSNorm.from_torch(theirs)
+    generator = torch.Generator().manual_seed(3)
+    x = (1e-2 * torch.randn(5, 24, generator=generator)).to(dtype)
+    residual = (1e-2 * torch.randn(5, 24, generator=generator)).to(dtype)
+    expected = theirs(x)
+    assert expected.abs().max() > 0.5  # normalized: eps small against the mean square
+    torch.testing.assert_close(ours(x), expected)
+    out, h = ours(x, residual)
+    torch.testing.assert_close(h, x + residual)
+    torch.testing.assert_close(out, theirs(x + residual))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4), (24,), (1, 3, 4), (2, 3, 4, 1)])
+@pytest.mark.parametrize("norm_class", [fastformer.nn.LayerNorm, fastformer.nn.RMSNorm])
+def test_norm_rejects_a_residual_of_another_shape(norm_class, shape):
+    """As the functional op does, instead of reshaping a residual with as many elements."""
+    norm = norm_class(4)
+    with pytest.raises(ValueError, match=r"residual must have shape \[2, 3, 4\]"):
+        norm(torch.randn(2, 3, 4), torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    "build, error, name",
+    [
+        (lambda: fastformer.nn.LayerNorm(8, residual_in_fp32=1), TypeError, "residual_in_fp32"),
+        (lambda: fastformer.nn.RMSNorm(8, residual_in_fp32="yes"), TypeError, "residual_in_fp32"),
+        (lambda: fastformer.nn.LayerNorm(8, elementwise_affine=None), TypeError, "affine"),
+        (lambda: fastformer.nn.LayerNorm(8, bias=1), TypeError, "bias"),
+        (lambda: fastformer.nn.LayerNorm(0), ValueError, "normalized_shape"),
+        (lambda: fastformer.nn.RMSNorm((4, 2.5)), TypeError, "normalized_shape"),
+        (lambda: fastformer.nn.LayerNorm(8, eps=float("nan")), ValueError, "eps"),
+        (lambda: fastformer.nn.RMSNorm(8, dropout=1.0), ValueError, "dropout"),
+        (lambda: fastformer.nn.FeedForward(8, 16, recompute=1), TypeError, "recompute"),
+        (lambda: fastformer.nn.FeedForward(8, 16, bias="no"), TypeError, "bias"),
+        (lambda: fastformer.nn.FeedForward(8, -1), ValueError, "dim_feedforward"),
+        (lambda: fastformer.nn.FeedForward(8.0, 16), TypeError, "d_model"),
+    ],
+)
+def test_modules_check_their_arguments_when_built(build, error, name):
+    with pytest.raises(error, match=name):
+        build()
+
+
+def test_feed_forward_from_layer_keeps_the_layer_training_mode():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.5).eval()
+    ff = fastformer.nn.FeedForward.from_transformer_layer(layer)
+    assert not ff.training
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(ff(x), layer._ff_block(x))  # no dropout in eval
+    assert fastformer.nn.FeedForward.from_transformer_layer(layer.train()).training

@@ -469,6 +469,37 @@ def test_encoder_stack_matches_torch(norm_first, final_norm):
     )
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_encoder_stack_under_autocast_keeps_torchs_float32_stream(norm_first):
+    """Under bfloat16 autocast the sub-layers' outputs are bfloat16 and the residual stream
+    float32: torch.nn adds them in float32 and normalizes in float32; so must the fused
+    add + norm (a bfloat16 output would round the post-norm stream at every layer)."""
+    layer_args = (D_MODEL, HEADS, FF, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(*layer_args, batch_first=True, norm_first=norm_first),
+            3,
+            torch.nn.LayerNorm(D_MODEL),
+        )
+    ours = fnn.TransformerEncoder(
+        fnn.TransformerEncoderLayer(*layer_args, batch_first=True, norm_first=norm_first),
+        3,
+        fnn.LayerNorm(D_MODEL),
+        enable_nested_tensor=False,
+    )
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    src = _seq(SRC, True, 2)
+    exact = copy.deepcopy(theirs).double().eval()(src.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = theirs.eval()(src)
+        got = ours.eval()(src)
+    assert got.dtype == expected.dtype == torch.float32
+    torch_error = (expected.double() - exact).abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= 2 * torch_error + 1e-3
+
+
 def test_pre_norm_stack_with_a_hooked_layer_calls_it():
     """A hook on a layer turns off the cross-layer fusion (which would bypass the layer's
     __call__): the hook runs and the results stay torch.nn's."""
@@ -657,3 +688,202 @@ def test_convert_notes_custom_activation():
         converted, report = fastformer.convert(layer, return_report=True)
     assert type(converted) is fnn.TransformerEncoderLayer
     assert report.notes and "plain PyTorch" in report.notes[0][1]
+
+
+# ----------------------------------------------------------------------------------------
+# Layers whose submodules a user replaced
+# ----------------------------------------------------------------------------------------
+
+
+class _ScaledNorm(torch.nn.Module):
+    """Neither a LayerNorm nor an RMSNorm: the layers must call it."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:]) * self.weight * 2.0
+
+
+class _LoRALinear(torch.nn.Linear):
+    """A Linear subclass with a low-rank term: the layers must call its forward."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 2):
+        super().__init__(in_features, out_features)
+        self.lora_a = torch.nn.Parameter(torch.zeros(rank, in_features))
+        self.lora_b = torch.nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+class _ShiftedAttention(torch.nn.MultiheadAttention):
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return out + 0.5, weights
+
+
+# The layer's norm modules, by kind, for torch's layer and for fastformer's, and how many
+# of the layer's norms the fused op computes (a norm of another class is called).
+_NORM_KINDS = {
+    "torch_rms": (lambda: torch.nn.RMSNorm(D_MODEL, eps=1e-6), None, True),
+    "torch_rms_eps_none": (lambda: torch.nn.RMSNorm(D_MODEL), None, True),
+    "fastformer_rms": (
+        lambda: torch.nn.RMSNorm(D_MODEL),
+        lambda: fnn.RMSNorm(D_MODEL),
+        True,
+    ),
+    "torch_layer_norm": (lambda: torch.nn.LayerNorm(D_MODEL, eps=1e-3), None, True),
+    "other": (lambda: _ScaledNorm(D_MODEL), None, False),
+}
+
+
+def _count_fused_norms(monkeypatch) -> list[int]:
+    from fastformer.nn import transformer_layer
+
+    calls = []
+    fused = transformer_layer.layer_norm_residual
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["rms_norm"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_layer, "layer_norm_residual", counting)
+    return calls
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("kind", list(_NORM_KINDS))
+def test_layer_norms_of_any_kind_match_torch(kind, norm_first, decoder, monkeypatch):
+    """RMSNorms run the fused op with rms_norm=True (eps=None resolved as torch does),
+    LayerNorms the fused LayerNorm, any other norm module is called after the residual
+    add: torch.nn's results either way."""
+    theirs_norm, ours_norm, fused = _NORM_KINDS[kind]
+    ours_norm = ours_norm or theirs_norm
+    names = ("norm1", "norm2", "norm3") if decoder else ("norm1", "norm2")
+    torch_cls, fast_cls = (
+        (torch.nn.TransformerDecoderLayer, fnn.TransformerDecoderLayer)
+        if decoder
+        else (torch.nn.TransformerEncoderLayer, fnn.TransformerEncoderLayer)
+    )
+    theirs = torch_cls(D_MODEL, HEADS, FF, 0.0, norm_first=norm_first)
+    ours = fast_cls(D_MODEL, HEADS, FF, 0.0, norm_first=norm_first)
+    for name in names:
+        setattr(theirs, name, theirs_norm())
+        setattr(ours, name, ours_norm())
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    inputs = (_seq(TGT, False, 1), _seq(SRC, False, 2)) if decoder else (_seq(SRC, False, 1),)
+    calls = _count_fused_norms(monkeypatch)
+    _assert_same(theirs.eval(), ours.eval(), *inputs)
+    rms = kind.endswith(("rms", "rms_eps_none"))
+    assert calls == ([rms] * len(names) if fused else [])
+
+
+@pytest.mark.parametrize("kind", ["torch_rms_eps_none", "other"])
+def test_pre_norm_stack_with_other_norms_matches_torch(kind):
+    """The stack's cross-layer fusion and its final norm go through the same choice."""
+    make, _, _ = _NORM_KINDS[kind]
+    layer_args = (D_MODEL, HEADS, FF, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_layer = torch.nn.TransformerEncoderLayer(*layer_args, norm_first=True)
+        theirs_layer.norm1, theirs_layer.norm2 = make(), make()
+        theirs = torch.nn.TransformerEncoder(theirs_layer, 2, make(), enable_nested_tensor=False)
+    ours_layer = fnn.TransformerEncoderLayer(*layer_args, norm_first=True)
+    ours_layer.norm1, ours_layer.norm2 = make(), make()
+    ours = fnn.TransformerEncoder(ours_layer, 2, make())
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    _assert_same(theirs.eval(), ours.eval(), _seq(SRC, False, 1))
+
+
+def _lora(layer):
+    layer.linear1 = _LoRALinear(D_MODEL, FF)
+
+
+def _shifted_attention(layer):
+    layer.self_attn = _ShiftedAttention(D_MODEL, HEADS)
+
+
+def _hooked_dropout(layer):
+    layer.dropout1.register_forward_hook(lambda module, args, out: out * 0.5)
+
+
+def _hooked_linear(layer):
+    layer.linear2.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+
+
+def _hooked_norm(layer):
+    layer.norm2.register_forward_hook(lambda module, args, out: out + 1.0)
+
+
+def _hooked_activation(layer):
+    layer.activation = torch.nn.ReLU()
+    layer.activation.register_forward_hook(lambda module, args, out: out * 3.0)
+
+
+def _reassigned_activation(layer):
+    layer.activation = torch.nn.functional.gelu  # after construction (relu)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize(
+    "replace",
+    [
+        _lora,
+        _shifted_attention,
+        _hooked_dropout,
+        _hooked_linear,
+        _hooked_norm,
+        _hooked_activation,
+        _reassigned_activation,
+    ],
+)
+def test_layer_with_replaced_or_hooked_children_matches_torch(replace, norm_first):
+    """The fused paths read weights only of the exact, unhooked torch.nn classes; anything
+    else is called, as torch.nn's layer calls it."""
+    theirs = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, FF, 0.0, norm_first=norm_first)
+    ours = fnn.TransformerEncoderLayer(D_MODEL, HEADS, FF, 0.0, norm_first=norm_first)
+    replace(theirs)
+    replace(ours)
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    _assert_same(theirs.eval(), ours.eval(), _seq(SRC, False, 1), src_mask=_causal_bool(SRC))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, name",
+    [
+        (fnn.TransformerEncoderLayer, {"norm_first": 1}, "norm_first"),
+        (fnn.TransformerEncoderLayer, {"batch_first": "yes"}, "batch_first"),
+        (fnn.TransformerDecoderLayer, {"bias": None}, "bias"),
+        (fnn.TransformerDecoderLayer, {"dropout": 1.5}, "dropout"),
+        (fnn.TransformerEncoderLayer, {"layer_norm_eps": float("nan")}, "layer_norm_eps"),
+        (fnn.MultiheadAttention, {"batch_first": 1}, "batch_first"),
+        (fnn.MultiheadAttention, {"add_zero_attn": "no"}, "add_zero_attn"),
+        (fnn.MultiheadAttention, {"dropout": -0.1}, "dropout"),
+        (fnn.MultiheadAttention, {"dropout": 1.5}, "dropout"),
+        (fnn.Transformer, {"batch_first": 0}, "batch_first"),
+    ],
+)
+def test_modules_check_their_arguments_when_built(cls, kwargs, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        cls(D_MODEL, HEADS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"num_layers": -1}, ValueError, "num_layers"),
+        ({"num_layers": 2.0}, TypeError, "num_layers"),
+        ({"num_layers": 1, "enable_nested_tensor": 1}, TypeError, "enable_nested_tensor"),
+        ({"num_layers": 1, "mask_check": None}, TypeError, "mask_check"),
+    ],
+)
+def test_stacks_check_their_arguments_when_built(kwargs, error, name):
+    layer = fnn.TransformerEncoderLayer(D_MODEL, HEADS, FF)
+    with pytest.raises(error, match=name):
+        fnn.TransformerEncoder(layer, **kwargs)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ..ops import scaled_dot_product_attention
+from ..ops import _checks, scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -140,6 +140,17 @@ class MultiheadAttention(torch.nn.Module):
                 f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} "
                 f"and num_heads={num_heads} instead"
             )
+        for name, flag in (
+            ("bias", bias),
+            ("add_bias_kv", add_bias_kv),
+            ("add_zero_attn", add_zero_attn),
+            ("batch_first", batch_first),
+        ):
+            _checks.check_bool("MultiheadAttention", name, flag)
+        # [0, 1], as scaled_dot_product_attention takes (and torch's module).
+        dropout = _checks.check_probability(
+            "MultiheadAttention", "dropout", dropout, allow_one=True
+        )
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim

@@ -22,14 +22,16 @@ _TORCH_ACTIVATIONS: dict[object, str] = {
 def activation_name(activation: object) -> str:
     """The feed_forward name of an activation given as torch.nn layers take it: a name
     ("relu", "gelu", ...), F.relu / F.gelu / F.silu, or an nn.ReLU / nn.GELU / nn.SiLU module.
-    Raises ValueError for anything else (a custom callable has no fused kernel)."""
+    Raises ValueError for anything else: a custom callable has no fused kernel, and a
+    subclass of those modules may compute something else (exact types only)."""
     if isinstance(activation, str) and activation in ACTIVATIONS:
         return activation
-    if isinstance(activation, torch.nn.ReLU):
+    kind = type(activation)
+    if kind is torch.nn.ReLU:
         return "relu"
-    if isinstance(activation, torch.nn.GELU):
+    if kind is torch.nn.GELU:
         return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
-    if isinstance(activation, torch.nn.SiLU):
+    if kind is torch.nn.SiLU:
         return "silu"
     try:
         return _TORCH_ACTIVATIONS[activation]
@@ -62,9 +64,15 @@ class FeedForward(torch.nn.Module):
         recompute: bool = False,
     ) -> None:
         super().__init__()
+        for name, size in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(f"FeedForward: {name} must be an int, got {type(size).__name__}")
+            if size < 0:
+                raise ValueError(f"FeedForward: {name} must be >= 0, got {size}")
+        _checks.check_bool("FeedForward", "bias", bias)
         self.activation = activation_name(activation)
         self.dropout = _checks.check_probability("FeedForward", "dropout", dropout)
-        self.recompute = recompute
+        self.recompute = _checks.check_bool("FeedForward", "recompute", recompute)
         gate_factor = 2 if self.activation in ("swiglu", "geglu") else 1
         factory = {"device": device, "dtype": dtype}
         self.linear1 = torch.nn.Linear(d_model, gate_factor * dim_feedforward, bias, **factory)
@@ -75,7 +83,8 @@ class FeedForward(torch.nn.Module):
         cls, layer: torch.nn.TransformerEncoderLayer | torch.nn.TransformerDecoderLayer
     ) -> FeedForward:
         """The feed-forward of a torch.nn Transformer layer, sharing its linear1 / linear2
-        parameters (not copies) and taking its activation and dropout probability."""
+        parameters (not copies) and taking its activation, dropout probability and training
+        mode."""
         linear1, linear2 = layer.linear1, layer.linear2
         module = cls(
             linear1.in_features,
@@ -87,6 +96,7 @@ class FeedForward(torch.nn.Module):
             dtype=linear1.weight.dtype,
         )
         module.linear1, module.linear2 = linear1, linear2
+        module.training = layer.training
         return module
 
     def forward(self, x: Tensor) -> Tensor:

@@ -9,17 +9,34 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..ops import _checks, layer_norm_residual
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "norm_eps"]
 
 _ShapeArg = int | Sequence[int] | torch.Size
 
 
-def _as_shape(normalized_shape: _ShapeArg) -> tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral):
-        return (int(normalized_shape),)
-    return tuple(int(d) for d in normalized_shape)
+def _as_shape(owner: str, normalized_shape: _ShapeArg) -> tuple[int, ...]:
+    single = isinstance(normalized_shape, numbers.Integral)
+    dims = (normalized_shape,) if single else tuple(normalized_shape)
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"{owner}: normalized_shape must be ints, got {normalized_shape!r}")
+    if not dims or any(d < 1 for d in dims):
+        # The kernel normalizes rows of at least one element.
+        raise ValueError(
+            f"{owner}: normalized_shape must be sizes >= 1, got {list(map(int, dims))}"
+        )
+    return tuple(int(d) for d in dims)
+
+
+def norm_eps(eps: float | None, dtype: torch.dtype) -> float:
+    """The eps a norm of `dtype` input applies: `eps`, or for None (torch.nn.RMSNorm's
+    default) the machine epsilon of the dtype the statistics accumulate in, float32 for
+    float16 / bfloat16 input. That is what torch computes (ATen's rms_norm takes its
+    accumulation type's epsilon), although torch's docs name the input dtype's, which for
+    bfloat16 is 65536 times larger."""
+    return eps if eps is not None else torch.finfo(reference.accumulation_dtype(dtype)).eps
 
 
 class _FusedNorm(torch.nn.Module):
@@ -42,9 +59,15 @@ class _FusedNorm(torch.nn.Module):
         name = type(self).__name__
         # Checked here, not first at the forward: a bad module should not be built at all.
         if eps is not None:
-            _checks.check_positive(name, "eps", eps)
+            _checks.check_eps(name, "eps", eps)
         _checks.check_probability(name, "dropout", dropout)
-        self.normalized_shape = _as_shape(normalized_shape)
+        for flag, value in (
+            ("elementwise_affine", elementwise_affine),
+            ("bias", bias),
+            ("residual_in_fp32", residual_in_fp32),
+        ):
+            _checks.check_bool(name, flag, value)
+        self.normalized_shape = _as_shape(name, normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.dropout = dropout
@@ -80,17 +103,21 @@ class _FusedNorm(torch.nn.Module):
                 f"{type(self).__name__}: input's trailing dimensions must be "
                 f"{list(self.normalized_shape)}, got shape {list(input.shape)}"
             )
+        if residual is not None:
+            # As the functional op does: a residual of another shape but as many elements
+            # would reshape into a wrong sum.
+            _checks.check_tensor(type(self).__name__, "residual", residual)
+            _checks.check_shape(type(self).__name__, "residual", residual, input.shape)
         # Several normalized dims are one feature dim of their product for the kernel.
         features = math.prod(self.normalized_shape)
         flat_shape = (*input.shape[: input.dim() - dims], features)
-        eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps
         flat_input = input.reshape(flat_shape)
         out, h = layer_norm_residual(
             flat_input,
             None if residual is None else residual.reshape(flat_shape),
             None if self.weight is None else self.weight.reshape(features),
             None if self.bias is None else self.bias.reshape(features),
-            eps=eps,
+            eps=norm_eps(self.eps, input.dtype),
             dropout_p=self.dropout,
             rms_norm=self.rms_norm,
             residual_in_fp32=self.residual_in_fp32,
@@ -162,8 +189,9 @@ class LayerNorm(_FusedNorm):
 class RMSNorm(_FusedNorm):
     """torch.nn.RMSNorm with a fused kernel; forward also takes a residual to add first.
 
-    Same constructor arguments and state_dict as torch.nn.RMSNorm (eps=None means the
-    input dtype's machine epsilon, as there), plus `dropout` and `residual_in_fp32`.
+    Same constructor arguments and state_dict as torch.nn.RMSNorm, plus `dropout` and
+    `residual_in_fp32`. eps=None computes what torch.nn.RMSNorm computes: the machine
+    epsilon of the accumulation dtype (float32 for float16 / bfloat16 input; see norm_eps).
     """
 
     rms_norm = True

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import _checks
 from .norm import LayerNorm
 from .transformer_layer import (
     Activation,
@@ -37,6 +38,13 @@ __all__ = [
 ]
 
 
+def _check_num_layers(owner: str, num_layers: object) -> None:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+        raise TypeError(f"{owner}: num_layers must be an int, got {type(num_layers).__name__}")
+    if num_layers < 0:
+        raise ValueError(f"{owner}: num_layers must be >= 0, got {num_layers}")
+
+
 def _get_clones(module: torch.nn.Module, n: int) -> torch.nn.ModuleList:
     return torch.nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
@@ -56,14 +64,13 @@ def _streams(layers: torch.nn.ModuleList, layer_type: type) -> bool:
 
 
 def _finish_stream(
-    x: Tensor, h: Tensor, dropout_p: float, norm: torch.nn.Module | None, training: bool
+    x: Tensor, h: Tensor, dropout: torch.nn.Module, norm: torch.nn.Module | None
 ) -> Tensor:
-    """The stack's output from the last layer's (ff, h): norm(h + dropout(ff)), fused when
-    the norm is fastformer's LayerNorm."""
-    if type(norm) is LayerNorm and not has_hooks(norm):
-        return add_norm(norm, x, h, dropout_p, training)[0]
-    out = h + F.dropout(x, dropout_p, training)
-    return out if norm is None else norm(out)
+    """The stack's output from the last layer's (ff, h) and dropout2 (dropout3 in a
+    decoder): norm(h + dropout(ff)), fused as add_norm can."""
+    if norm is None:
+        return h + dropout(x)
+    return add_norm(norm, x, h, dropout)[0]
 
 
 class TransformerEncoder(torch.nn.Module):
@@ -85,6 +92,9 @@ class TransformerEncoder(torch.nn.Module):
         mask_check: bool = True,
     ) -> None:
         super().__init__()
+        _check_num_layers("TransformerEncoder", num_layers)
+        _checks.check_bool("TransformerEncoder", "enable_nested_tensor", enable_nested_tensor)
+        _checks.check_bool("TransformerEncoder", "mask_check", mask_check)
         self.layers = _get_clones(encoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -113,11 +123,11 @@ class TransformerEncoder(torch.nn.Module):
         batch_first = bool(first is not None and first.self_attn.batch_first)
         is_causal = detect_is_causal_mask(mask, is_causal, sequence_length(src, batch_first))
         if _streams(self.layers, TransformerEncoderLayer):
-            x, h, dropout_p = src, None, 0.0
+            x, h, dropout = src, None, None
             for layer in self.layers:
-                x, h = layer._pre_norm(x, h, dropout_p, mask, src_key_padding_mask, is_causal)
-                dropout_p = layer.dropout2.p
-            return _finish_stream(x, h, dropout_p, self.norm, self.training)
+                x, h = layer._pre_norm(x, h, dropout, mask, src_key_padding_mask, is_causal)
+                dropout = layer.dropout2
+            return _finish_stream(x, h, dropout, self.norm)
         output = src
         for layer in self.layers:
             output = layer(
@@ -140,6 +150,7 @@ class TransformerDecoder(torch.nn.Module):
         self, decoder_layer: torch.nn.Module, num_layers: int, norm: torch.nn.Module | None = None
     ) -> None:
         super().__init__()
+        _check_num_layers("TransformerDecoder", num_layers)
         self.layers = _get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -178,11 +189,11 @@ class TransformerDecoder(torch.nn.Module):
             memory_is_causal,
         )
         if _streams(self.layers, TransformerDecoderLayer):
-            x, h, dropout_p = tgt, None, 0.0
+            x, h, dropout = tgt, None, None
             for layer in self.layers:
-                x, h = layer._pre_norm(x, h, dropout_p, memory, *masks)
-                dropout_p = layer.dropout3.p
-            return _finish_stream(x, h, dropout_p, self.norm, self.training)
+                x, h = layer._pre_norm(x, h, dropout, memory, *masks)
+                dropout = layer.dropout3
+            return _finish_stream(x, h, dropout, self.norm)
         output = tgt
         for layer in self.layers:
             output = layer(
@@ -224,6 +235,8 @@ class Transformer(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # The layers check the rest; batch_first is read here even with custom stacks.
+        _checks.check_bool("Transformer", "batch_first", batch_first)
         factory = {"device": device, "dtype": dtype}
         layer_args = (
             d_model,
