@@ -402,6 +402,11 @@ BAD_INPUTS = [
         ValueError,
         "attn_mask of shape .* does not broadcast",
     ),
+    (
+        {"attn_mask": torch.ones(4, 3, 4, 5, dtype=torch.bool)},
+        ValueError,
+        "attn_mask of shape .* does not broadcast",
+    ),
     ({"key": torch.ones(2, 3, 5, 8, dtype=torch.float64)}, TypeError, "key must have query's"),
     ({"dropout_p": 1.5}, ValueError, r"dropout_p must be in \[0, 1\]"),
     ({"dropout_p": "0.1"}, TypeError, r"dropout_p must be a float in \[0, 1\]"),

@@ -324,11 +324,12 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     lead = _leading_shape(query, key, enable_gqa)  # raises when they do not broadcast
     if attn_mask is not None:
         _checks.check_tensor(OP, "attn_mask", attn_mask, (torch.bool, *_checks.FLOAT_DTYPES))
-        target = (*lead, query.shape[-2], key.shape[-2])
+        target = torch.Size((*lead, query.shape[-2], key.shape[-2]))
         try:
-            if attn_mask.dim() > len(target):
-                raise RuntimeError("more dimensions than the scores")
-            torch.broadcast_shapes(attn_mask.shape, target)
+            # The mask must broadcast *to* the scores' shape, not widen it (more dims, or a
+            # larger batch than query's and key's).
+            if torch.broadcast_shapes(attn_mask.shape, target) != target:
+                raise RuntimeError("the mask widens the scores")
         except RuntimeError:
             raise ValueError(
                 f"{OP}: attn_mask of shape {list(attn_mask.shape)} does not "
